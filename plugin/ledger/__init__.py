@@ -1,0 +1,1 @@
+"""Ledger storage: tables, queries and the group-commit writer."""

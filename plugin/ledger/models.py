@@ -1,0 +1,97 @@
+"""SQLModel tables: customers, API keys, the ledger, its outbox, and alerts.
+
+Money columns are BIGINT micro-units (µcr, µUSD). Timestamps are UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(**kwargs) -> Column:
+    return Column(DateTime(timezone=True), nullable=False, **kwargs)
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+
+    id: str = Field(primary_key=True, max_length=64)
+    plan: str = Field(max_length=64)
+    stripe_customer_id: str | None = Field(default=None, max_length=255)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class ApiKey(SQLModel, table=True):
+    """A customer key. Only its SHA-256 is stored; `id` is the public handle shown in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=32)
+    customer_id: str = Field(foreign_key="customers.id", index=True, max_length=64)
+    key_hash: str = Field(unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One row per billable call (final success only). Cache hits appear with credits_ucr = 0."""
+
+    __tablename__ = "ledger"
+    __table_args__ = (Index("ix_ledger_customer_created", "customer_id", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=100)
+    customer_id: str = Field(max_length=64)
+    member: str = Field(default="-", max_length=255)
+    action: str = Field(default="-", max_length=255)
+    model: str = Field(max_length=255)
+    provider: str = Field(default="-", max_length=64)
+    prompt_tokens: int = Field(default=0, sa_type=BigInteger)
+    completion_tokens: int = Field(default=0, sa_type=BigInteger)
+    cached_tokens: int = Field(default=0, sa_type=BigInteger)
+    reasoning_tokens: int = Field(default=0, sa_type=BigInteger)
+    credits_ucr: int = Field(default=0, sa_type=BigInteger)
+    provider_cost_uusd: int = Field(default=0, sa_type=BigInteger)
+    cache_hit: bool = False
+    saved_ucr: int = Field(default=0, sa_type=BigInteger)
+    stream: bool = False
+    usage_source: str = Field(default="provider", max_length=16)
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class OutboxEvent(SQLModel, table=True):
+    """A meter event waiting for delivery, written in the same transaction as its ledger row.
+
+    The id is the ledger id: it becomes the Stripe meter event identifier, so a resend is a no-op.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_status_due", "status", "next_attempt_at"),)
+
+    id: str = Field(primary_key=True, max_length=100)
+    customer_id: str = Field(max_length=64)
+    value_ucr: int = Field(sa_type=BigInteger)
+    occurred_at: datetime = Field(sa_column=_ts())
+    status: str = Field(default="pending", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class Alert(SQLModel, table=True):
+    """Something an operator must look at (e.g. tokens flowed but nothing was billed)."""
+
+    __tablename__ = "alerts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=64, index=True)
+    customer_id: str | None = Field(default=None, max_length=64)
+    subject_id: str | None = Field(default=None, max_length=100)
+    message: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())

@@ -1,0 +1,228 @@
+"""The ledger database: engine set-up and every query meterline runs against it.
+
+SQLite (WAL) by default, Postgres when METERLINE_DATABASE_URL says so; same code for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel, create_engine
+
+from plugin.ledger.models import Alert, ApiKey, Customer, LedgerEntry, OutboxEvent, utcnow
+
+
+class StoreError(Exception):
+    """A request the store refuses (duplicate, unknown customer, ...); the message is for humans."""
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine and the tables. SQLite gets WAL, a busy timeout and NORMAL sync.
+
+    WAL + synchronous=NORMAL survives a killed process (the WAL is in the OS cache); it trades
+    only power-loss durability of the last transactions, which a proxy host rarely needs.
+    """
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything meterline stores is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def hash_key(secret: str) -> str:
+    """Keys are 256-bit random strings, so a plain SHA-256 is a safe, fast lookup hash."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+KEY_PREFIX = "mk_"
+
+
+# ---------------------------------------------------------------- customers and keys
+
+
+def add_customer(engine: Engine, customer_id: str, plan: str, stripe_customer_id: str | None = None) -> Customer:
+    with Session(engine) as session:
+        if session.get(Customer, customer_id) is not None:
+            raise StoreError(f"customer {customer_id!r} already exists")
+        customer = Customer(id=customer_id, plan=plan, stripe_customer_id=stripe_customer_id)
+        session.add(customer)
+        try:
+            session.commit()
+        except IntegrityError:
+            raise StoreError(f"customer {customer_id!r} already exists") from None
+        session.refresh(customer)
+        return customer
+
+
+def get_customer(engine: Engine, customer_id: str) -> Customer | None:
+    with Session(engine) as session:
+        return session.get(Customer, customer_id)
+
+
+def list_customers(engine: Engine) -> list[Customer]:
+    with Session(engine) as session:
+        return list(session.exec(select(Customer).order_by(Customer.id)).scalars())
+
+
+def create_key(engine: Engine, customer_id: str) -> tuple[str, str]:
+    """Create a key for a customer; returns (key id, secret). The secret is never stored."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key_id = "key_" + secrets.token_hex(6)
+    with Session(engine) as session:
+        if session.get(Customer, customer_id) is None:
+            raise StoreError(f"unknown customer {customer_id!r}")
+        session.add(ApiKey(id=key_id, customer_id=customer_id, key_hash=hash_key(secret)))
+        session.commit()
+    return key_id, secret
+
+
+def revoke_key(engine: Engine, key_id: str) -> None:
+    with Session(engine) as session:
+        key = session.get(ApiKey, key_id)
+        if key is None:
+            raise StoreError(f"unknown key {key_id!r}")
+        if key.revoked_at is None:
+            key.revoked_at = utcnow()
+            session.add(key)
+            session.commit()
+
+
+def list_keys(engine: Engine, customer_id: str) -> list[ApiKey]:
+    with Session(engine) as session:
+        query = select(ApiKey).where(ApiKey.customer_id == customer_id).order_by(ApiKey.created_at)
+        return list(session.exec(query).scalars())
+
+
+def customer_for_secret(engine: Engine, secret: str) -> str | None:
+    """The customer a live (unrevoked) key belongs to, or None."""
+    with Session(engine) as session:
+        query = select(ApiKey.customer_id).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
+        return session.exec(query).scalars().first()
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@dataclass(frozen=True)
+class BillingRecord:
+    """Everything written for one billed call: its ledger row, its meter event, maybe an alert."""
+
+    entry: LedgerEntry
+    alert: str | None = None
+
+
+def _insert_ignoring_duplicates(engine: Engine):
+    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+
+
+def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
+    """Write ledger + outbox (+ alert) rows in ONE transaction; returns how many were new.
+
+    A ledger id seen before is skipped with its outbox row, so a repeated write never bills twice.
+    Only positive amounts become meter events: Stripe takes positive whole numbers.
+    """
+    insert = _insert_ignoring_duplicates(engine)
+    ledger_table = LedgerEntry.__table__
+    outbox_table = OutboxEvent.__table__
+    new_rows = 0
+    with engine.begin() as connection:
+        for record in records:
+            row = record.entry.model_dump()
+            result = connection.execute(insert(ledger_table).values(**row).on_conflict_do_nothing(index_elements=["id"]))
+            if result.rowcount != 1:
+                continue
+            new_rows += 1
+            if row["credits_ucr"] > 0:
+                connection.execute(
+                    outbox_table.insert().values(
+                        id=row["id"], customer_id=row["customer_id"], value_ucr=row["credits_ucr"],
+                        occurred_at=row["created_at"], status="pending", attempts=0,
+                        next_attempt_at=row["created_at"],
+                    )
+                )
+            if record.alert:
+                connection.execute(
+                    Alert.__table__.insert().values(
+                        kind="unbilled_tokens", customer_id=row["customer_id"], subject_id=row["id"],
+                        message=record.alert, created_at=row["created_at"],
+                    )
+                )
+    return new_rows
+
+
+def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 1000) -> Iterator[LedgerEntry]:
+    """All ledger rows in creation order, streamed in batches (exports can be large)."""
+    with Session(engine) as session:
+        query = select(LedgerEntry).order_by(LedgerEntry.created_at, LedgerEntry.id)
+        if customer_id is not None:
+            query = query.where(LedgerEntry.customer_id == customer_id)
+        for row in session.exec(query.execution_options(yield_per=batch)).scalars():
+            yield row
+
+
+def list_alerts(engine: Engine, kind: str | None = None) -> list[Alert]:
+    with Session(engine) as session:
+        query = select(Alert).order_by(Alert.id)
+        if kind is not None:
+            query = query.where(Alert.kind == kind)
+        return list(session.exec(query).scalars())
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    used_ucr: int
+    saved_ucr: int
+    requests: int
+    by_model: dict[str, int]
+    by_action: dict[str, int]
+    by_member: dict[str, int]
+
+
+def usage_totals(engine: Engine, customer_id: str, start: datetime, end: datetime) -> UsageTotals:
+    """Credits billed to a customer in [start, end), in total and per model, action and member."""
+    window = (
+        LedgerEntry.customer_id == customer_id,
+        LedgerEntry.created_at >= start,
+        LedgerEntry.created_at < end,
+    )
+    with Session(engine) as session:
+        used, saved, count = session.exec(
+            select(
+                func.coalesce(func.sum(LedgerEntry.credits_ucr), 0),
+                func.coalesce(func.sum(LedgerEntry.saved_ucr), 0),
+                func.count(LedgerEntry.id),
+            ).where(*window)
+        ).one()
+
+        def grouped(column) -> dict[str, int]:
+            query = select(column, func.sum(LedgerEntry.credits_ucr)).where(*window).group_by(column)
+            return {key: int(value) for key, value in session.exec(query).all()}
+
+        return UsageTotals(
+            used_ucr=int(used), saved_ucr=int(saved), requests=int(count),
+            by_model=grouped(LedgerEntry.model), by_action=grouped(LedgerEntry.action),
+            by_member=grouped(LedgerEntry.member),
+        )

@@ -1,0 +1,290 @@
+"""The only module that imports litellm: glue between LiteLLM's proxy and meterline.
+
+Registered in litellm_config.yaml as
+    litellm_settings.callbacks: plugin.litellm_hooks.meterline_logger
+    general_settings.custom_auth: plugin.litellm_hooks.custom_auth
+
+Flow of one request: custom_auth resolves the customer -> async_pre_call_hook gives the request
+a ledger id and its labels -> LiteLLM calls the provider (retries, fallbacks, cache) ->
+async_post_call_success_hook (or, for streams, the iterator hook before the last chunk) prices
+the final usage and commits the ledger + outbox rows before the client gets the response.
+LiteLLM may load this file once per reference in the config, so state lives in plugin.runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import AsyncGenerator, Mapping
+from datetime import UTC, datetime
+from functools import partial
+
+import litellm
+from fastapi import Request
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
+
+from plugin import runtime
+from plugin.api import PREFIX, router
+from plugin.identity import METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, request_labels
+from plugin.ledger import store
+from plugin.metering import FinishedCall, bill, usage_from_openai
+from plugin.pricing import Usage
+
+log = logging.getLogger("meterline")
+
+STATE_KEY = "meterline"
+"""Per-request state, kept in the request's `metadata` (which LiteLLM never sends upstream)."""
+
+
+def _meterline() -> runtime.Meterline:
+    return runtime.current(model_cost=litellm.model_cost)
+
+
+def _refuse(reason: str, message: str, status: int) -> ProxyException:
+    """An OpenAI-shaped error: LiteLLM puts the status in error.code, our reason in error.type."""
+    return ProxyException(message=message, type=reason, param=None, code=status, headers={"x-meterline-error": reason})
+
+
+def _new_ledger_id() -> str:
+    """Time-ordered and unguessable; never taken from the client, so it cannot be replayed."""
+    return f"mtr_{time.time_ns():016x}{secrets.token_hex(8)}"
+
+
+def _as_dict(value: object) -> Mapping[str, object] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return value
+    dump = getattr(value, "model_dump", None)
+    return dump() if callable(dump) else None
+
+
+# ------------------------------------------------------------------------------ auth
+
+
+async def custom_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
+    """LiteLLM custom_auth: a meterline key, or the master key (+ X-Meterline-Customer)."""
+    from litellm.proxy import proxy_server
+
+    meterline = _meterline()
+    engine = meterline.engine
+    try:
+        identity = await asyncio.to_thread(
+            identify,
+            api_key,
+            dict(request.headers),
+            proxy_server.master_key or meterline.settings.master_key,
+            partial(store.customer_for_secret, engine),
+            lambda customer_id: store.get_customer(engine, customer_id) is not None,
+            meterline.config.defer_unknown_keys_to_litellm,
+        )
+    except AuthFailure as failure:
+        raise _refuse(failure.reason, failure.message, failure.status) from None
+    except UnknownKey:
+        raise PermissionError("not a meterline key") from None  # custom_auth_settings.mode=auto: LiteLLM decides
+    metadata = {METADATA_KEY: identity.customer_id} if identity.customer_id else {}
+    if identity.operator:
+        return UserAPIKeyAuth(
+            api_key="meterline-operator", user_id="meterline-operator",
+            user_role=LitellmUserRoles.PROXY_ADMIN, metadata=metadata,
+        )
+    return UserAPIKeyAuth(
+        api_key=f"meterline-customer:{identity.customer_id}", user_id=identity.customer_id, metadata=metadata
+    )
+
+
+# ------------------------------------------------------------------------------ metering
+
+
+class MeterlineLogger(CustomLogger):
+    """Bills the final successful response of every request; nothing else."""
+
+    async def async_pre_call_hook(self, user_api_key_dict: UserAPIKeyAuth, cache, data: dict, call_type):
+        customer = customer_from_metadata(user_api_key_dict.metadata, user_api_key_dict.team_metadata)
+        meterline = _meterline()
+        if customer is None:
+            if not meterline.config.allow_anonymous:
+                raise _refuse(
+                    "customer_required",
+                    "This request names no customer to bill. Use a customer key, or send "
+                    "X-Meterline-Customer with the master key.",
+                    401,
+                )
+            customer = meterline.config.anonymous_customer
+        server_request = data.get("proxy_server_request") or {}
+        body = server_request.get("body") if isinstance(server_request.get("body"), Mapping) else data
+        headers = server_request.get("headers") if isinstance(server_request.get("headers"), Mapping) else {}
+        member, action = request_labels(body, headers)
+        metadata = data.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = data["metadata"] = {}
+        metadata[STATE_KEY] = {
+            "ledger_id": _new_ledger_id(), "customer": customer, "member": member, "action": action,
+        }
+        return data
+
+    async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth, response):
+        state = _state(data)
+        if state is None or "credits_ucr" in state:
+            return response
+        usage = usage_from_openai(_as_dict(getattr(response, "usage", None)))
+        source = "provider"
+        if usage is None:
+            usage, source = _counted_usage(data, _response_text(response)), "litellm"
+        hidden = getattr(response, "_hidden_params", None) or {}
+        await _settle(data, state, usage, source, hidden, stream=False)
+        return response
+
+    async def async_post_call_streaming_iterator_hook(
+        self, user_api_key_dict: UserAPIKeyAuth, response, request_data: dict
+    ) -> AsyncGenerator:
+        state = _state(request_data)
+        if state is None:
+            async for chunk in response:
+                yield chunk
+            return
+        provider_usage: Mapping[str, object] | None = None
+        hidden: dict = {}
+        delivered: list[str] = []
+        held = None
+        try:
+            async for chunk in response:
+                provider_usage = _as_dict(getattr(chunk, "usage", None)) or provider_usage
+                hidden = getattr(chunk, "_hidden_params", None) or hidden
+                if held is not None:
+                    yield held
+                    delivered.append(_chunk_text(held))
+                held = chunk
+            # The stream is complete: bill it before the client receives the last chunk.
+            usage = usage_from_openai(provider_usage)
+            source = "provider"
+            if usage is None:
+                text = "".join(delivered) + (_chunk_text(held) if held is not None else "")
+                usage, source = _counted_usage(request_data, text), "litellm"
+            await _settle(request_data, state, usage, source, hidden, stream=True)
+            if held is not None:
+                yield held
+        except (GeneratorExit, asyncio.CancelledError):
+            if "credits_ucr" not in state:
+                # The client went away mid-stream: bill what was delivered (policy "delivered").
+                usage = _counted_usage(request_data, "".join(delivered))
+                _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
+            raise
+
+    async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict, response, *args, **kwargs):
+        state = _state(data)
+        if state is None or "credits_ucr" not in state:
+            return None
+        return {"x-meterline-credits": str(state["credits_ucr"])}
+
+
+def _state(data: Mapping[str, object]) -> dict | None:
+    metadata = data.get("metadata")
+    state = metadata.get(STATE_KEY) if isinstance(metadata, Mapping) else None
+    return state if isinstance(state, dict) else None
+
+
+async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden: Mapping, stream: bool) -> None:
+    """Price the call and commit its ledger + outbox rows; refuse to answer if that fails."""
+    meterline = _meterline()
+    call = FinishedCall(
+        ledger_id=state["ledger_id"],
+        customer_id=state["customer"],
+        member=state["member"],
+        action=state["action"],
+        model=str(data.get("model") or "-"),
+        deployment_model=_deployment_model(hidden),
+        provider=str(hidden.get("custom_llm_provider") or "-"),
+        usage=usage,
+        finished_at=datetime.now(UTC),
+        cache_hit=bool(hidden.get("cache_hit")),
+        stream=stream,
+        usage_source=source,
+    )
+    record = bill(call, meterline.price_book)
+    try:
+        await meterline.writer.write(record)
+    except Exception as exc:
+        log.error("meterline: could not record ledger row %s: %s", call.ledger_id, exc.__class__.__name__)
+        raise _refuse(
+            "billing_unavailable",
+            "The request could not be recorded for billing, so its answer was withheld. Try again shortly.",
+            503,
+        ) from None
+    state["credits_ucr"] = record.entry.credits_ucr
+
+
+def _deployment_model(hidden: Mapping) -> str | None:
+    """The provider-side model name (for LiteLLM's price table), without a provider prefix."""
+    name = hidden.get("litellm_model_name") or hidden.get("model")
+    return str(name) if name else None
+
+
+def _counted_usage(data: Mapping, completion_text: str) -> Usage:
+    """LiteLLM's own token count, for providers that send no usage. Never 0 when text flowed."""
+    model = str(data.get("model") or "")
+    messages = data.get("messages")
+    prompt = litellm.token_counter(model=model, messages=messages) if isinstance(messages, list) and messages else 0
+    completion = litellm.token_counter(model=model, text=completion_text) if completion_text else 0
+    return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
+
+
+def _response_text(response) -> str:
+    choices = getattr(response, "choices", None) or []
+    parts = []
+    for choice in choices:
+        message = getattr(choice, "message", None)
+        content = getattr(message, "content", None)
+        if isinstance(content, str):
+            parts.append(content)
+    return "".join(parts)
+
+
+def _chunk_text(chunk) -> str:
+    choices = getattr(chunk, "choices", None) or []
+    parts = []
+    for choice in choices:
+        delta = getattr(choice, "delta", None)
+        content = getattr(delta, "content", None)
+        if isinstance(content, str):
+            parts.append(content)
+    return "".join(parts)
+
+
+_background_tasks: set[asyncio.Task] = set()
+
+
+def _background(coroutine) -> None:
+    """Run a coroutine to completion even though its caller is going away."""
+    task = asyncio.ensure_future(coroutine)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)
+
+
+# ------------------------------------------------------------------------------ start-up
+
+
+def _mount_api() -> None:
+    """Mount meterline's routes on the proxy app, ahead of LiteLLM's own (once per process)."""
+    from litellm.proxy.proxy_server import app
+
+    if getattr(app.state, "meterline_mounted", False):
+        return
+    before = len(app.router.routes)
+    app.include_router(router)
+    ours = app.router.routes[before:]
+    del app.router.routes[before:]
+    app.router.routes[0:0] = ours
+    app.state.meterline_mounted = True
+    log.info("meterline: API mounted under %s", PREFIX)
+
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+_meterline().writer  # open the database and start the writer now, not on the first request
+_mount_api()
+
+meterline_logger = MeterlineLogger()

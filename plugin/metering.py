@@ -1,0 +1,102 @@
+"""Pure metering: a finished call -> the ledger row (and alert) that bills it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from plugin.ledger.models import LedgerEntry
+from plugin.ledger.store import BillingRecord
+from plugin.pricing import PriceBook, Usage
+
+
+def _count(value: object) -> int:
+    """Provider counts arrive as int, None, or occasionally a float; anything else counts as 0."""
+    if isinstance(value, bool) or value is None:
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value.is_integer():
+        return max(int(value), 0)
+    return 0
+
+
+def _details(usage: Mapping[str, object], key: str) -> Mapping[str, object]:
+    details = usage.get(key)
+    return details if isinstance(details, Mapping) else {}
+
+
+def usage_from_openai(usage: Mapping[str, object] | None) -> Usage | None:
+    """Parse an OpenAI-shaped `usage` object. Returns None when there is no usage at all.
+
+    Subset counts a provider over-reports are clamped to their totals, so a token is never
+    priced twice even when the provider's numbers do not add up.
+    """
+    if not usage:
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
+    cached = min(_count(prompt_details.get("cached_tokens")), prompt)
+    audio_in = min(_count(prompt_details.get("audio_tokens")), prompt - cached)
+    image_in = min(_count(prompt_details.get("image_tokens")), prompt - cached - audio_in)
+    audio_out = min(_count(completion_details.get("audio_tokens")), completion)
+    reasoning = min(_count(completion_details.get("reasoning_tokens")), completion)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+        reasoning_tokens=reasoning, audio_input_tokens=audio_in, image_input_tokens=image_in,
+        audio_output_tokens=audio_out,
+    )
+
+
+@dataclass(frozen=True)
+class FinishedCall:
+    """What the gateway knows about one call that succeeded (after retries and fallbacks)."""
+
+    ledger_id: str
+    customer_id: str
+    member: str
+    action: str
+    model: str
+    usage: Usage
+    finished_at: datetime
+    deployment_model: str | None = None
+    provider: str = "-"
+    cache_hit: bool = False
+    stream: bool = False
+    usage_source: str = "provider"
+
+
+def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
+    """Price a finished call. A cache hit costs nothing and records what it saved."""
+    charge = book.charge(call.usage, call.model, call.deployment_model)
+    credits = 0 if call.cache_hit else charge.credits_ucr
+    entry = LedgerEntry(
+        id=call.ledger_id,
+        customer_id=call.customer_id,
+        member=call.member,
+        action=call.action,
+        model=call.model,
+        provider=call.provider or "-",
+        prompt_tokens=call.usage.prompt_tokens,
+        completion_tokens=call.usage.completion_tokens,
+        cached_tokens=call.usage.cached_tokens,
+        reasoning_tokens=call.usage.reasoning_tokens,
+        credits_ucr=credits,
+        provider_cost_uusd=0 if call.cache_hit else charge.provider_cost_uusd,
+        cache_hit=call.cache_hit,
+        saved_ucr=charge.credits_ucr if call.cache_hit else 0,
+        stream=call.stream,
+        usage_source=call.usage_source,
+        created_at=call.finished_at,
+    )
+    alert = None
+    if not call.cache_hit and call.usage.total_tokens > 0 and credits == 0:
+        why = "no provider price is known for it" if not charge.priced else "its pricing rule yields zero"
+        alert = (
+            f"{call.usage.total_tokens} tokens on model {call.model!r} were billed 0 credits because {why}; "
+            "add a price or a credit rule for it in meterline.yaml"
+        )
+    return BillingRecord(entry=entry, alert=alert)

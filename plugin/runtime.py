@@ -1,0 +1,113 @@
+"""Wiring: settings + meterline.yaml -> engine, price book, ledger writer. One per process.
+
+The LiteLLM hooks module is executed by LiteLLM once per reference in the config (it loads it
+by file path), so process-wide state lives here, in a normally imported module.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+
+from sqlalchemy import Engine
+
+from plugin.ledger.store import make_engine
+from plugin.ledger.writer import LedgerWriter
+from plugin.plans import Period, calendar_month
+from plugin.pricing import CreditRule, PER_MILLION, PriceBook, ProviderPrice, Weights
+from plugin.settings import MeterlineConfig, PriceConfig, PricingConfig, Settings, config_path, load_config
+
+
+def _rule(base: PricingConfig, override=None) -> CreditRule:
+    def pick(name: str):
+        value = getattr(override, name, None) if override is not None else None
+        return getattr(base, name) if value is None else value
+
+    weights = {
+        name: (getattr(override.weights, name) if override is not None and getattr(override.weights, name) is not None
+               else getattr(base.weights, name))
+        for name in ("input", "cached_input", "output", "audio_input", "audio_output", "image_input")
+    }
+    return CreditRule(
+        basis=pick("basis"),
+        tokens_per_credit=pick("tokens_per_credit"),
+        weights=Weights(**{name: value for name, value in weights.items() if value is not None}),
+        markup=pick("markup"),
+        credits_per_usd=pick("credits_per_usd"),
+    )
+
+
+def _provider_price(price: PriceConfig) -> ProviderPrice:
+    def per_token(value):
+        return None if value is None else value * PER_MILLION
+
+    return ProviderPrice(
+        input=price.input * PER_MILLION, output=price.output * PER_MILLION,
+        cached_input=per_token(price.cached_input), audio_input=per_token(price.audio_input),
+        audio_output=per_token(price.audio_output), image_input=per_token(price.image_input),
+    )
+
+
+def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[str, object]] | None = None) -> PriceBook:
+    """meterline.yaml's rules and prices, with LiteLLM's model_cost as the fallback price table."""
+    pricing = config.pricing
+    return PriceBook(
+        default_rule=_rule(pricing),
+        rules={model: _rule(pricing, override) for model, override in pricing.models.items()},
+        prices={model: _provider_price(price) for model, price in config.prices.items()},
+        model_cost=model_cost or {},
+    )
+
+
+@dataclass
+class Meterline:
+    """Everything a process needs to meter; built lazily so the CLI pays only for what it uses."""
+
+    settings: Settings
+    config: MeterlineConfig
+    model_cost: Mapping[str, Mapping[str, object]] | None = None
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.settings.database_url)
+
+    @cached_property
+    def price_book(self) -> PriceBook:
+        return build_price_book(self.config, self.model_cost)
+
+    @cached_property
+    def writer(self) -> LedgerWriter:
+        return LedgerWriter(self.engine)
+
+    def period(self, customer_id: str, now: datetime | None = None) -> Period:
+        """The customer's current billing period (calendar month until plans add anchors)."""
+        return calendar_month(now or datetime.now(UTC))
+
+
+_lock = threading.Lock()
+_current: Meterline | None = None
+
+
+def current(model_cost: Mapping[str, Mapping[str, object]] | None = None) -> Meterline:
+    """The process's Meterline, created on first use from the environment and meterline.yaml."""
+    global _current
+    with _lock:
+        if _current is None:
+            settings = Settings()
+            _current = Meterline(settings=settings, config=load_config(config_path(settings)), model_cost=model_cost)
+        elif model_cost is not None and _current.model_cost is None:
+            _current.model_cost = model_cost
+            _current.__dict__.pop("price_book", None)
+        return _current
+
+
+def reset_for_tests() -> None:
+    """Forget the process's Meterline (tests build several in one process)."""
+    global _current
+    with _lock:
+        if _current is not None and "writer" in _current.__dict__:
+            _current.writer.close()
+        _current = None

@@ -1,0 +1,181 @@
+"""Deployment settings (environment) and business configuration (meterline.yaml).
+
+Two sources on purpose: the environment says *where* things run (database, Redis, keys), the
+YAML file says *what* is sold (pricing, plans, policies) and is reviewed like code.
+Money values in the YAML are written as strings ("0.15") and parsed as exact decimals: a float
+never enters the money path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """meterline.yaml or the environment is invalid; the message says where."""
+
+
+def _exact(value: object) -> Fraction:
+    """Parse a YAML scalar into an exact rational. Floats are refused: write "0.15", not 0.15."""
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(value, int):
+        return Fraction(value)
+    if isinstance(value, float):
+        raise ValueError(f"write money and ratios as quoted strings, e.g. \"{value}\" (floats are inexact)")
+    if isinstance(value, str):
+        try:
+            parsed = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"not a number: {value!r}") from None
+        if not parsed.is_finite():
+            raise ValueError(f"not a finite number: {value!r}")
+        return Fraction(parsed)
+    raise ValueError(f"expected a number, got {type(value).__name__}")
+
+
+def _non_negative(value: Fraction) -> Fraction:
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _positive(value: Fraction) -> Fraction:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+Exact = Annotated[Fraction, BeforeValidator(_exact)]
+NonNegative = Annotated[Fraction, BeforeValidator(lambda v: _non_negative(_exact(v)))]
+Positive = Annotated[Fraction, BeforeValidator(lambda v: _positive(_exact(v)))]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class WeightsConfig(_Strict):
+    """Weight of each token class in the posted ratio (tokens basis). Omitted on a model: inherited."""
+
+    input: NonNegative | None = None
+    cached_input: NonNegative | None = None
+    output: NonNegative | None = None
+    audio_input: NonNegative | None = None
+    audio_output: NonNegative | None = None
+    image_input: NonNegative | None = None
+
+
+class ModelPricingConfig(_Strict):
+    basis: Literal["tokens", "cost"] | None = None
+    tokens_per_credit: Positive | None = None
+    weights: WeightsConfig = WeightsConfig()
+    markup: NonNegative | None = None
+    credits_per_usd: Positive | None = None
+
+
+class PricingConfig(_Strict):
+    """How usage becomes credits. See README "Pricing" for the formula."""
+
+    basis: Literal["tokens", "cost"] = "tokens"
+    tokens_per_credit: Positive = Fraction(1000)
+    weights: WeightsConfig = WeightsConfig(
+        input=Fraction(1), cached_input=Fraction(1, 10), output=Fraction(4),
+        audio_input=Fraction(8), audio_output=Fraction(16), image_input=Fraction(1),
+    )
+    markup: NonNegative = Fraction(3, 10)
+    credits_per_usd: Positive = Fraction(1000)
+    models: dict[str, ModelPricingConfig] = {}
+
+
+class PriceConfig(_Strict):
+    """Provider price in USD per million tokens (overrides LiteLLM's model_cost)."""
+
+    input: NonNegative
+    output: NonNegative
+    cached_input: NonNegative | None = None
+    audio_input: NonNegative | None = None
+    audio_output: NonNegative | None = None
+    image_input: NonNegative | None = None
+
+
+class PlanConfig(_Strict):
+    """A plan as the metering core needs it; limits and overage arrive with the plans issue."""
+
+    included_credits: NonNegative = Fraction(0)
+    cap_credits: NonNegative | None = None
+
+
+class PoliciesConfig(_Strict):
+    cache_hits: Literal["free"] = "free"
+    stream_disconnect: Literal["delivered"] = "delivered"
+
+
+class MeterlineConfig(_Strict):
+    """The whole of meterline.yaml."""
+
+    pricing: PricingConfig = PricingConfig()
+    prices: dict[str, PriceConfig] = {}
+    plans: dict[str, PlanConfig] = {"free": PlanConfig(cap_credits=Fraction(100)), "pro": PlanConfig()}
+    policies: PoliciesConfig = PoliciesConfig()
+    allow_anonymous: bool = False
+    anonymous_customer: str = "anonymous"
+    # When LiteLLM runs with its own database and custom_auth_settings.mode=auto, keys that are
+    # not meterline keys are handed to LiteLLM's virtual-key auth instead of being refused here.
+    defer_unknown_keys_to_litellm: bool = False
+
+
+class Settings(BaseSettings):
+    """Deployment settings from the environment (prefix METERLINE_)."""
+
+    model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore", frozen=True)
+
+    database_url: str = "sqlite:///./meterline.db"
+    redis_url: str | None = None
+    config: Path = Path("meterline.yaml")
+    fail_mode: Literal["closed", "open"] = "closed"
+    master_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("LITELLM_MASTER_KEY", "METERLINE_MASTER_KEY")
+    )
+
+
+def load_config(path: Path) -> MeterlineConfig:
+    """Read meterline.yaml; a missing file means all defaults. Errors name the offending field."""
+    if not path.exists():
+        return MeterlineConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return MeterlineConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path}: {where}: {first['msg']}") from None
+
+
+def config_path(settings: Settings) -> Path:
+    """meterline.yaml path: METERLINE_CONFIG if set, else next to the working directory."""
+    return settings.config if settings.config.is_absolute() else Path(os.getcwd()) / settings.config
+
+
+_CUSTOMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}$")
+
+
+def valid_customer_id(value: str) -> bool:
+    """Customer ids appear in Stripe payloads and file names: keep them short and plain."""
+    return bool(_CUSTOMER_ID.match(value))

@@ -1,0 +1,1 @@
+"""meterline's operator console (Textual)."""
