@@ -148,13 +148,15 @@ class MeterlineLogger(CustomLogger):
                 yield chunk
             return
         provider_usage: Mapping[str, object] | None = None
-        hidden: dict = {}
+        # The stream wrapper knows what its chunks do not (cache_hit on a replayed stream).
+        wrapper_hidden = dict(getattr(response, "_hidden_params", None) or {})
+        hidden: dict = wrapper_hidden
         delivered: list[str] = []
         held = None
         try:
             async for chunk in response:
                 provider_usage = _as_dict(getattr(chunk, "usage", None)) or provider_usage
-                hidden = getattr(chunk, "_hidden_params", None) or hidden
+                hidden = {**(getattr(chunk, "_hidden_params", None) or {}), **wrapper_hidden}
                 if held is not None:
                     yield held
                     delivered.append(_chunk_text(held))
@@ -196,7 +198,7 @@ async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden:
         customer_id=state["customer"],
         member=state["member"],
         action=state["action"],
-        model=str(data.get("model") or "-"),
+        model=_served_model_group(data, hidden),
         deployment_model=_deployment_model(hidden),
         provider=str(hidden.get("custom_llm_provider") or "-"),
         usage=usage,
@@ -218,8 +220,15 @@ async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden:
     state["credits_ucr"] = record.entry.credits_ucr
 
 
+def _served_model_group(data: Mapping, hidden: Mapping) -> str:
+    """The model group that answered: after a fallback it is not the one the client asked for."""
+    headers = hidden.get("additional_headers")
+    served = headers.get("x-litellm-model-group") if isinstance(headers, Mapping) else None
+    return str(served or data.get("model") or "-")
+
+
 def _deployment_model(hidden: Mapping) -> str | None:
-    """The provider-side model name (for LiteLLM's price table), without a provider prefix."""
+    """The provider-side model name (e.g. "openai/gpt-4o"), for LiteLLM's price table."""
     name = hidden.get("litellm_model_name") or hidden.get("model")
     return str(name) if name else None
 

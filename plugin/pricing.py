@@ -240,4 +240,6 @@ class PriceBook:
         return None
 
     def charge(self, usage: Usage, model: str, deployment_model: str | None = None) -> Charge:
-        return price(usage, self.rule_for(model), self.price_for(model, deployment_model))
+        """Price a call of model group `model` served by `deployment_model` ("provider/name")."""
+        unprefixed = deployment_model.split("/", 1)[1] if deployment_model and "/" in deployment_model else None
+        return price(usage, self.rule_for(model), self.price_for(model, deployment_model, unprefixed))

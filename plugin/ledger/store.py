@@ -183,6 +183,15 @@ def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 100
             yield row
 
 
+def list_outbox_ids(engine: Engine, customer_id: str | None = None) -> list[str]:
+    """Ids of the meter events waiting in (or delivered from) the outbox, oldest first."""
+    with Session(engine) as session:
+        query = select(OutboxEvent.id).order_by(OutboxEvent.occurred_at, OutboxEvent.id)
+        if customer_id is not None:
+            query = query.where(OutboxEvent.customer_id == customer_id)
+        return list(session.exec(query).scalars())
+
+
 def list_alerts(engine: Engine, kind: str | None = None) -> list[Alert]:
     with Session(engine) as session:
         query = select(Alert).order_by(Alert.id)

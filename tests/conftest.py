@@ -1,0 +1,82 @@
+"""Shared fixtures: the fake upstream, a real LiteLLM proxy with meterline, customers and keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from plugin.ledger import store
+from plugin.ledger.store import make_engine
+from tests.support.postgres import postgres_available, running_postgres
+from tests.support.proxy import MASTER_KEY, Proxy, run_proxy
+from tests.support.upstream import Upstream, run_upstream
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    with run_upstream() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> Iterator[str]:
+    if not postgres_available():
+        pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are missing: `make test` expects them on this machine")
+    with running_postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@dataclass
+class Tenant:
+    customer_id: str
+    key: str
+    client: openai.OpenAI
+    async_client: openai.AsyncOpenAI
+
+
+@dataclass
+class MeteredProxy:
+    proxy: Proxy
+    engine: object
+
+    def tenant(self, customer_id: str, plan: str = "pro") -> Tenant:
+        if store.get_customer(self.engine, customer_id) is None:
+            store.add_customer(self.engine, customer_id, plan)
+        _, key = store.create_key(self.engine, customer_id)
+        return Tenant(customer_id, key, self.client(key), self.async_client(key))
+
+    def client(self, key: str, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.proxy.base_url + "/v1", api_key=key, max_retries=0, timeout=60, **kwargs)
+
+    def async_client(self, key: str, **kwargs) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.proxy.base_url + "/v1", api_key=key, max_retries=0, timeout=60, **kwargs)
+
+    def master_client(self, **kwargs) -> openai.OpenAI:
+        return self.client(MASTER_KEY, **kwargs)
+
+    def ledger(self, customer_id: str | None = None) -> list:
+        return list(store.ledger_rows(self.engine, customer_id))
+
+
+def _metered_proxy(workdir: Path, upstream: Upstream, database_url: str) -> Iterator[MeteredProxy]:
+    engine = make_engine(database_url)
+    with run_proxy(workdir, upstream.base_url, database_url) as proxy:
+        yield MeteredProxy(proxy=proxy, engine=engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def metered(tmp_path_factory, upstream) -> Iterator[MeteredProxy]:
+    """A real proxy with meterline on SQLite, shared by the end-to-end tests."""
+    workdir = tmp_path_factory.mktemp("proxy")
+    yield from _metered_proxy(workdir, upstream, f"sqlite:///{workdir / 'ledger.db'}")
+
+
+@pytest.fixture(scope="session")
+def metered_pg(tmp_path_factory, upstream, postgres_url) -> Iterator[MeteredProxy]:
+    """The same proxy with its ledger on PostgreSQL."""
+    yield from _metered_proxy(tmp_path_factory.mktemp("proxy-pg"), upstream, postgres_url)
