@@ -119,7 +119,10 @@ BOOK = PriceBook(
         "small": ProviderPrice(input=Fraction(15, 100 * M), output=Fraction(60, 100 * M)),
         "resold": ProviderPrice(input=Fraction(15, 100 * M), output=Fraction(60, 100 * M)),
     },
-    model_cost={"openai/gpt-x": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}},
+    model_cost={
+        "openai/gpt-x": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06},
+        "gpt-y": {"input_cost_per_token": 3e-06, "output_cost_per_token": 5e-06},
+    },
 )
 
 
@@ -167,6 +170,12 @@ def test_bill_price_from_deployment_model_in_litellm_table():
     usage = Usage(prompt_tokens=1000, completion_tokens=1000)
     entry = bill(call(model="my-alias", deployment_model="openai/gpt-x", usage=usage), BOOK).entry
     assert entry.provider_cost_uusd == 3000  # 1000 x 1 + 1000 x 2 µUSD
+
+
+def test_bill_price_from_unprefixed_deployment_model():
+    usage = Usage(prompt_tokens=1000, completion_tokens=1000)
+    entry = bill(call(model="my-alias", deployment_model="azure/gpt-y", usage=usage), BOOK).entry
+    assert entry.provider_cost_uusd == 8000  # table knows "gpt-y": 1000 x 3 + 1000 x 5 µUSD
 
 
 def test_bill_cache_hit_costs_nothing_and_records_the_saving():

@@ -54,6 +54,7 @@ def test_plain_response_is_billed_once_with_labels_and_header(any_backend, upstr
     assert (row.member, row.action, row.model, row.provider) == ("alice", "summarize", "test-model", "openai")
     assert not row.cache_hit and not row.stream
     assert raw.headers["x-meterline-credits"] == "104000"
+    assert store.list_outbox_ids(any_backend.engine, tenant.customer_id) == [row.id]  # same transaction
 
 
 def test_action_header_is_used_when_the_body_names_none(metered):

@@ -151,8 +151,11 @@ def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
     with engine.begin() as connection:
         for record in records:
             row = record.entry.model_dump()
-            result = connection.execute(insert(ledger_table).values(**row).on_conflict_do_nothing(index_elements=["id"]))
-            if result.rowcount != 1:
+            # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+            inserted = connection.execute(
+                insert(ledger_table).values(**row).on_conflict_do_nothing(index_elements=["id"]).returning(ledger_table.c.id)
+            ).first()
+            if inserted is None:
                 continue
             new_rows += 1
             if row["credits_ucr"] > 0:

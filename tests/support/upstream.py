@@ -21,6 +21,7 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 ``fail=INT``   the first ``fail`` attempts carrying this ``id`` answer HTTP 500
 ``nousage=1``  when streaming, never send the usage chunk
 ``delay_ms=INT``   sleep before answering
+``word_ms=INT``    when streaming, sleep this long before each word (a slow stream)
 =============  ==============================================================
 
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
@@ -54,7 +55,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DIRECTIVE_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
-INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms")
+INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms", "word_ms")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("gpt-4o-mini", "gpt-4o", "broken-model")
 
@@ -156,11 +157,15 @@ def chunk(base: dict[str, Any], delta: dict[str, Any], finish_reason: str | None
     return {**base, "choices": [choice]}
 
 
-async def stream_events(base: dict[str, Any], words: list[str], usage: dict[str, Any] | None) -> AsyncIterator[str]:
+async def stream_events(
+    base: dict[str, Any], words: list[str], usage: dict[str, Any] | None, word_seconds: float = 0.0
+) -> AsyncIterator[str]:
     """SSE lines: one chunk per word, a stop chunk, an optional usage chunk, then [DONE]."""
     first: dict[str, Any] = {"role": "assistant", "content": words[0] if words else ""}
     yield f"data: {json.dumps(chunk(base, first))}\n\n"
     for word in words[1:]:
+        if word_seconds:
+            await asyncio.sleep(word_seconds)
         yield f"data: {json.dumps(chunk(base, {'content': ' ' + word}))}\n\n"
     yield f"data: {json.dumps(chunk(base, {}, 'stop'))}\n\n"
     if usage is not None:
@@ -206,7 +211,7 @@ async def chat_completions(request: Request) -> Response:
             "system_fingerprint": None}
     if stream:
         base["object"] = "chat.completion.chunk"
-        events = stream_events(base, words, usage if usage_sent else None)
+        events = stream_events(base, words, usage if usage_sent else None, directives.get("word_ms", 0) / 1000)
         return StreamingResponse(events, media_type="text/event-stream")
     message = {"role": "assistant", "content": " ".join(words)}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}

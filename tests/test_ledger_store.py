@@ -1,0 +1,121 @@
+"""The ledger store and its group-commit writer, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+
+from plugin.ledger import store
+from plugin.ledger.models import LedgerEntry
+from plugin.ledger.store import BillingRecord, make_engine
+from plugin.ledger.writer import LedgerWriter
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    if request.param == "postgres":  # one server for the session: start each test from empty tables
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers CASCADE"))
+    store.add_customer(engine, "acme", "pro")
+    store.add_customer(engine, "globex", "free")
+    yield engine
+    engine.dispose()
+
+
+def entry(ledger_id: str, customer_id: str = "acme", credits: int = 1000, **fields) -> LedgerEntry:
+    values = dict(
+        id=ledger_id, customer_id=customer_id, model="m", prompt_tokens=10, completion_tokens=5,
+        credits_ucr=credits, created_at=datetime.now(UTC),
+    )
+    values.update(fields)
+    return LedgerEntry(**values)
+
+
+def test_write_is_idempotent_per_ledger_id(engine):
+    assert store.write_records(engine, [BillingRecord(entry("a")), BillingRecord(entry("b"))]) == 2
+    assert store.write_records(engine, [BillingRecord(entry("a", credits=999_999))]) == 0
+    rows = {row.id: row.credits_ucr for row in store.ledger_rows(engine)}
+    assert rows == {"a": 1000, "b": 1000}
+    assert store.list_outbox_ids(engine) == ["a", "b"]
+
+
+def test_zero_credit_rows_make_no_meter_event_and_alerts_are_written_with_their_row(engine):
+    store.write_records(engine, [
+        BillingRecord(entry("hit", credits=0, cache_hit=True, saved_ucr=500)),
+        BillingRecord(entry("zero", credits=0), alert="15 tokens billed 0"),
+    ])
+    assert store.list_outbox_ids(engine) == []
+    [alert] = store.list_alerts(engine)
+    assert (alert.kind, alert.subject_id, alert.customer_id) == ("unbilled_tokens", "zero", "acme")
+
+
+def test_a_failing_batch_writes_nothing(engine):
+    bad = entry("bad", customer_id="x" * 65)  # longer than the column allows on Postgres; on SQLite a NULL model
+    if engine.dialect.name == "sqlite":
+        bad = entry("bad", model=None)
+    with pytest.raises(Exception):
+        store.write_records(engine, [BillingRecord(entry("good")), BillingRecord(bad)])
+    assert list(store.ledger_rows(engine)) == []
+    assert store.list_outbox_ids(engine) == []
+
+
+def test_usage_totals_group_by_model_action_member_within_the_period(engine):
+    now = datetime(2026, 11, 15, tzinfo=UTC)
+    store.write_records(engine, [
+        BillingRecord(entry("1", credits=100, model="a", action="chat", member="ann", created_at=now)),
+        BillingRecord(entry("2", credits=250, model="b", action="chat", member="bob", created_at=now)),
+        BillingRecord(entry("3", credits=0, model="a", action="-", member="ann", cache_hit=True, saved_ucr=70, created_at=now)),
+        BillingRecord(entry("4", credits=999, model="a", created_at=now - timedelta(days=30))),
+        BillingRecord(entry("5", customer_id="globex", credits=5, created_at=now)),
+    ])
+    totals = store.usage_totals(engine, "acme", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    assert (totals.used_ucr, totals.saved_ucr, totals.requests) == (350, 70, 3)
+    assert totals.by_model == {"a": 100, "b": 250}
+    assert totals.by_action == {"chat": 350, "-": 0}
+    assert totals.by_member == {"ann": 100, "bob": 250}
+
+
+def test_keys_resolve_until_revoked_and_are_stored_hashed(engine):
+    key_id, secret = store.create_key(engine, "acme")
+    assert store.customer_for_secret(engine, secret) == "acme"
+    with engine.connect() as connection:
+        stored = connection.execute(text("select key_hash from api_keys")).scalars().all()
+    assert secret not in stored and store.hash_key(secret) in stored
+    store.revoke_key(engine, key_id)
+    assert store.customer_for_secret(engine, secret) is None
+    with pytest.raises(store.StoreError):
+        store.create_key(engine, "nobody")
+
+
+async def test_group_commit_writer_commits_every_concurrent_write_once(engine):
+    writer = LedgerWriter(engine, max_batch=64)
+    try:
+        await asyncio.gather(*(writer.write(BillingRecord(entry(f"row-{n}", credits=n + 1))) for n in range(500)))
+        # a duplicate in a later batch changes nothing
+        await writer.write(BillingRecord(entry("row-0", credits=123456)))
+    finally:
+        writer.close()
+    rows = list(store.ledger_rows(engine))
+    assert len(rows) == 500
+    assert sum(row.credits_ucr for row in rows) == sum(range(1, 501))
+    assert len(store.list_outbox_ids(engine)) == 500
+
+
+async def test_writer_reports_a_failed_commit_to_every_waiter(engine):
+    writer = LedgerWriter(engine)
+    engine_for_bad_row = entry("x", customer_id="acme", model=None)
+    try:
+        with pytest.raises(Exception):
+            await writer.write(BillingRecord(engine_for_bad_row))
+        await writer.write(BillingRecord(entry("after")))  # the writer keeps going after a failure
+    finally:
+        writer.close()
+    assert [row.id for row in store.ledger_rows(engine)] == ["after"]

@@ -1,0 +1,209 @@
+"""meterline.yaml: defaults, exact parsing, and refusals that name the offending field."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from plugin.settings import ConfigError, MeterlineConfig, Settings, config_path, load_config, valid_customer_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "meterline.yaml"
+    path.write_text(text)
+    return path
+
+
+def refusal(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    message = str(error.value)
+    assert "\n" not in message  # one line: the CLI prints it as is
+    return message
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_missing_file_means_defaults(tmp_path):
+    config = load_config(tmp_path / "absent.yaml")
+    assert config == MeterlineConfig()
+    assert config.pricing.basis == "tokens"
+    assert config.pricing.tokens_per_credit == Fraction(1000)
+    assert config.pricing.markup == Fraction(3, 10)
+    assert config.pricing.weights.cached_input == Fraction(1, 10)
+    assert config.pricing.weights.output == Fraction(4)
+    assert set(config.plans) == {"free", "pro"}
+    assert config.plans["free"].cap_credits == Fraction(100)
+    assert config.policies.cache_hits == "free"
+    assert config.policies.stream_disconnect == "delivered"
+    assert config.allow_anonymous is False
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n"])
+def test_empty_file_means_defaults(tmp_path, text):
+    assert load_config(write(tmp_path, text)) == MeterlineConfig()
+
+
+# ------------------------------------------------------------------ valid files
+
+
+def test_valid_file_parses_to_exact_fractions(tmp_path):
+    config = load_config(write(tmp_path, """
+pricing:
+  basis: tokens
+  tokens_per_credit: 1000
+  weights: {input: "1", cached_input: "0.1", output: "4", audio_input: "8", audio_output: "16", image_input: "1"}
+  markup: "0.30"
+  credits_per_usd: 1000
+  models:
+    demo:
+      weights: {output: "2"}
+    resold: {basis: cost, markup: "0.125"}
+prices:
+  demo: {input: "0.15", output: "0.60", cached_input: "0.075"}
+plans:
+  free: {cap_credits: 100}
+  pro: {included_credits: "10000.5"}
+allow_anonymous: true
+"""))
+    pricing = config.pricing
+    assert pricing.markup == Fraction(3, 10) and type(pricing.markup) is Fraction
+    assert pricing.weights.cached_input == Fraction(1, 10)
+    assert pricing.tokens_per_credit == Fraction(1000) and type(pricing.tokens_per_credit) is Fraction
+    assert pricing.models["demo"].weights.output == Fraction(2)
+    assert pricing.models["demo"].weights.input is None  # inherited at pricing time
+    assert pricing.models["resold"].basis == "cost"
+    assert pricing.models["resold"].markup == Fraction(1, 8)
+    demo = config.prices["demo"]
+    assert (demo.input, demo.output, demo.cached_input) == (Fraction(15, 100), Fraction(60, 100), Fraction(75, 1000))
+    assert demo.audio_input is None
+    assert config.plans["pro"].included_credits == Fraction(20001, 2)
+    assert config.plans["free"].cap_credits == Fraction(100)
+    assert set(config.plans) == {"free", "pro"}
+    assert config.allow_anonymous is True
+
+
+def test_shipped_meterline_yaml_loads():
+    config = load_config(REPO / "meterline.yaml")
+    assert config.prices["demo"].input == Fraction(3, 20)
+    assert config.pricing.models["demo"].weights.output == Fraction(2)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1e-3", Fraction(1, 1000)), ("  2.50 ", Fraction(5, 2)), ("7", Fraction(7))])
+def test_number_strings_are_exact(tmp_path, text, expected):
+    config = load_config(write(tmp_path, f'pricing: {{markup: "{text}"}}\n'))
+    assert config.pricing.markup == expected
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("pricing: {markup: 0.3}\n", "pricing.markup"),
+        ("pricing: {tokens_per_credit: 1000.0}\n", "pricing.tokens_per_credit"),
+        ("pricing: {weights: {output: 4.0}}\n", "pricing.weights.output"),
+        ("pricing: {models: {demo: {weights: {cached_input: 0.1}}}}\n", "pricing.models.demo.weights.cached_input"),
+        ("prices: {gpt: {input: 0.15, output: \"0.60\"}}\n", "prices.gpt.input"),
+        ("plans: {free: {cap_credits: 99.5}}\n", "plans.free.cap_credits"),
+    ],
+)
+def test_floats_for_money_are_refused_naming_the_field(tmp_path, text, field):
+    message = refusal(tmp_path, text)
+    assert field in message
+    assert "float" in message or "string" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('pricing: {weights: {input: "-1"}}\n', "pricing.weights.input"),
+        ('pricing: {weights: {cached_input: -0.5}}\n', "pricing.weights.cached_input"),
+        ('pricing: {models: {demo: {weights: {output: "-2"}}}}\n', "pricing.models.demo.weights.output"),
+        ('pricing: {markup: "-0.1"}\n', "pricing.markup"),
+        ('prices: {gpt: {input: "-1", output: "1"}}\n', "prices.gpt.input"),
+    ],
+)
+def test_negative_values_are_refused(tmp_path, text, field):
+    assert field in refusal(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('pricing: {tokens_per_credit: "0"}\n', "pricing.tokens_per_credit"),
+        ("pricing: {credits_per_usd: 0}\n", "pricing.credits_per_usd"),
+        ('pricing: {markup: "abc"}\n', "pricing.markup"),
+        ('pricing: {markup: "NaN"}\n', "pricing.markup"),
+        ('pricing: {markup: "Infinity"}\n', "pricing.markup"),
+        ("pricing: {markup: true}\n", "pricing.markup"),
+        ("pricing: {basis: tokenz}\n", "pricing.basis"),
+        ("policies: {cache_hits: billed}\n", "policies.cache_hits"),
+    ],
+)
+def test_invalid_values_are_refused(tmp_path, text, field):
+    assert field in refusal(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("pricnig: {basis: tokens}\n", "pricnig"),
+        ("pricing: {basis: tokens, bogus: 1}\n", "pricing.bogus"),
+        ('pricing: {weights: {video: "1"}}\n', "pricing.weights.video"),
+        ('prices: {gpt: {input: "1", output: "1", per_request: "1"}}\n', "prices.gpt.per_request"),
+        ("plans: {free: {cap: 100}}\n", "plans.free.cap"),
+    ],
+)
+def test_unknown_keys_are_refused(tmp_path, text, field):
+    assert field in refusal(tmp_path, text)
+
+
+def test_missing_required_price_field_is_refused(tmp_path):
+    assert "prices.gpt.output" in refusal(tmp_path, 'prices: {gpt: {input: "1"}}\n')
+
+
+@pytest.mark.parametrize("text", ["pricing: [unclosed\n", "pricing:\n  basis: tokens\n bad: indent\n", "a: b: c\n"])
+def test_invalid_yaml_is_a_config_error(tmp_path, text):
+    message = refusal(tmp_path, text)
+    assert "not valid YAML" in message
+    assert str(tmp_path) in message
+
+
+@pytest.mark.parametrize("text", ["- pricing\n- plans\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    assert "mapping" in refusal(tmp_path, text)
+
+
+# ------------------------------------------------------------------ environment
+
+
+def test_config_path_follows_meterline_config(monkeypatch, tmp_path):
+    monkeypatch.setenv("METERLINE_CONFIG", str(tmp_path / "elsewhere.yaml"))
+    monkeypatch.setenv("METERLINE_DATABASE_URL", "sqlite:///x.db")
+    settings = Settings()
+    assert config_path(settings) == tmp_path / "elsewhere.yaml"
+    assert settings.database_url == "sqlite:///x.db"
+
+
+def test_relative_config_path_is_resolved_from_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("METERLINE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert config_path(Settings()) == tmp_path / "meterline.yaml"
+
+
+@pytest.mark.parametrize("value", ["acme", "cus.01", "a@b:c-d_e", "x" * 64])
+def test_valid_customer_ids(value):
+    assert valid_customer_id(value)
+
+
+@pytest.mark.parametrize("value", ["", "-lead", "has space", "x" * 65, "semi;colon", "new\nline", "acme\n"])
+def test_invalid_customer_ids(value):
+    # "acme\n" fails today: the pattern ends in `$`, which also matches before a trailing newline.
+    assert not valid_customer_id(value)
