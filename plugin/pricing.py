@@ -168,7 +168,7 @@ def price(usage: Usage, rule: CreditRule, provider_price: ProviderPrice | None) 
     tokens = usage.classes()
     cost_usd = (provider_price or FREE).cost_usd(tokens)
     if rule.basis == "tokens":
-        exact = rule.weights.weighted_tokens(tokens) * UCR_PER_CREDIT / rule.tokens_per_credit
+        exact = Fraction(rule.weights.weighted_tokens(tokens) * UCR_PER_CREDIT) / rule.tokens_per_credit
     else:
         exact = cost_usd * (1 + rule.markup) * rule.credits_per_usd * UCR_PER_CREDIT
     return Charge(

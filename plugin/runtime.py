@@ -12,31 +12,41 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 
+from pydantic import BaseModel
 from sqlalchemy import Engine
 
 from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.plans import Period, calendar_month
-from plugin.pricing import CreditRule, PER_MILLION, PriceBook, ProviderPrice, Weights
-from plugin.settings import MeterlineConfig, PriceConfig, PricingConfig, Settings, config_path, load_config
+from plugin.pricing import PER_MILLION, CreditRule, PriceBook, ProviderPrice, Weights
+from plugin.settings import (
+    DEFAULT_WEIGHTS, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
+    load_config,
+)
 
 
-def _rule(base: PricingConfig, override=None) -> CreditRule:
-    def pick(name: str):
-        value = getattr(override, name, None) if override is not None else None
-        return getattr(base, name) if value is None else value
+def _overlay(base: BaseModel, override: BaseModel | None) -> dict:
+    """Fields of `base`, replaced by the ones `override` sets (None = not set)."""
+    values = {name: getattr(base, name) for name in type(base).model_fields}
+    if override is not None:
+        for name in type(override).model_fields:
+            if getattr(override, name) is not None:
+                values[name] = getattr(override, name)
+    return values
 
-    weights = {
-        name: (getattr(override.weights, name) if override is not None and getattr(override.weights, name) is not None
-               else getattr(base.weights, name))
-        for name in ("input", "cached_input", "output", "audio_input", "audio_output", "image_input")
-    }
+
+def _rule(pricing: PricingConfig, override: ModelPricingConfig | None = None) -> CreditRule:
+    """The credit rule of one model: defaults <- pricing section <- the model's own overrides."""
+    weights = _overlay(DEFAULT_WEIGHTS, pricing.weights)
+    if override is not None:
+        weights = _overlay(WeightsConfig(**weights), override.weights)
+    scalars = _overlay(pricing, override)
     return CreditRule(
-        basis=pick("basis"),
-        tokens_per_credit=pick("tokens_per_credit"),
-        weights=Weights(**{name: value for name, value in weights.items() if value is not None}),
-        markup=pick("markup"),
-        credits_per_usd=pick("credits_per_usd"),
+        basis=scalars["basis"],
+        tokens_per_credit=scalars["tokens_per_credit"],
+        weights=Weights(**weights),
+        markup=scalars["markup"],
+        credits_per_usd=scalars["credits_per_usd"],
     )
 
 

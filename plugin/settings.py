@@ -67,7 +67,11 @@ class _Strict(BaseModel):
 
 
 class WeightsConfig(_Strict):
-    """Weight of each token class in the posted ratio (tokens basis). Omitted on a model: inherited."""
+    """Weight of each token class in the posted ratio (tokens basis).
+
+    An omitted class inherits: a model's weights from `pricing.weights`, and those from
+    DEFAULT_WEIGHTS. So `weights: {output: "3"}` changes the output weight and nothing else.
+    """
 
     input: NonNegative | None = None
     cached_input: NonNegative | None = None
@@ -85,15 +89,18 @@ class ModelPricingConfig(_Strict):
     credits_per_usd: Positive | None = None
 
 
+DEFAULT_WEIGHTS = WeightsConfig(
+    input=Fraction(1), cached_input=Fraction(1, 10), output=Fraction(4),
+    audio_input=Fraction(8), audio_output=Fraction(16), image_input=Fraction(1),
+)
+
+
 class PricingConfig(_Strict):
     """How usage becomes credits. See README "Pricing" for the formula."""
 
     basis: Literal["tokens", "cost"] = "tokens"
     tokens_per_credit: Positive = Fraction(1000)
-    weights: WeightsConfig = WeightsConfig(
-        input=Fraction(1), cached_input=Fraction(1, 10), output=Fraction(4),
-        audio_input=Fraction(8), audio_output=Fraction(16), image_input=Fraction(1),
-    )
+    weights: WeightsConfig = WeightsConfig()
     markup: NonNegative = Fraction(3, 10)
     credits_per_usd: Positive = Fraction(1000)
     models: dict[str, ModelPricingConfig] = {}
@@ -173,9 +180,9 @@ def config_path(settings: Settings) -> Path:
     return settings.config if settings.config.is_absolute() else Path(os.getcwd()) / settings.config
 
 
-_CUSTOMER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}$")
+_CUSTOMER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}")
 
 
 def valid_customer_id(value: str) -> bool:
     """Customer ids appear in Stripe payloads and file names: keep them short and plain."""
-    return bool(_CUSTOMER_ID.match(value))
+    return bool(_CUSTOMER_ID.fullmatch(value))

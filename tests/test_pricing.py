@@ -426,3 +426,20 @@ def test_more_output_tokens_never_lower_credits(usage, rule, provider, extra):
     before, after = price(usage, rule, provider), price(more, rule, provider)
     assert after.credits_ucr >= before.credits_ucr
     assert after.provider_cost_uusd >= before.provider_cost_uusd
+
+
+def test_partial_weights_keep_the_defaults_of_the_classes_they_omit():
+    from plugin.runtime import build_price_book
+    from plugin.settings import DEFAULT_WEIGHTS, MeterlineConfig
+
+    config = MeterlineConfig.model_validate(
+        {"pricing": {"weights": {"output": "3"}, "models": {"m": {"weights": {"input": "2"}}}}}
+    )
+    book = build_price_book(config)
+    base = book.rule_for("other").weights
+    assert base.output == 3
+    assert (base.input, base.cached_input, base.audio_input) == (
+        DEFAULT_WEIGHTS.input, DEFAULT_WEIGHTS.cached_input, DEFAULT_WEIGHTS.audio_input,
+    )
+    model = book.rule_for("m").weights
+    assert (model.input, model.output, model.cached_input) == (2, 3, Fraction(1, 10))

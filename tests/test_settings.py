@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from plugin.runtime import build_price_book
 from plugin.settings import ConfigError, MeterlineConfig, Settings, config_path, load_config, valid_customer_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +36,9 @@ def test_missing_file_means_defaults(tmp_path):
     assert config.pricing.basis == "tokens"
     assert config.pricing.tokens_per_credit == Fraction(1000)
     assert config.pricing.markup == Fraction(3, 10)
-    assert config.pricing.weights.cached_input == Fraction(1, 10)
-    assert config.pricing.weights.output == Fraction(4)
+    effective = build_price_book(config).default_rule.weights  # omitted weights inherit DEFAULT_WEIGHTS
+    assert effective.cached_input == Fraction(1, 10)
+    assert effective.output == Fraction(4)
     assert set(config.plans) == {"free", "pro"}
     assert config.plans["free"].cap_credits == Fraction(100)
     assert config.policies.cache_hits == "free"
