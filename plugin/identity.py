@@ -52,6 +52,11 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def is_master_key(api_key: str | None, master_key: str | None) -> bool:
+    """Constant-time comparison, so response timing does not leak the master key."""
+    return bool(api_key and master_key) and hmac.compare_digest(api_key.encode(), master_key.encode())
+
+
 def identify(
     api_key: str | None,
     headers: Mapping[str, str],
@@ -63,7 +68,7 @@ def identify(
     """Resolve the caller or raise AuthFailure. The lookups are the only I/O, passed in."""
     if not api_key:
         raise AuthFailure("invalid_api_key", "No API key was sent. Pass your meterline key as a Bearer token.")
-    if master_key and hmac.compare_digest(api_key.encode(), master_key.encode()):
+    if is_master_key(api_key, master_key):
         named = _header(headers, CUSTOMER_HEADER)
         if named is None:
             return Identity(customer_id=None, operator=True)

@@ -20,7 +20,6 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
 from datetime import UTC, datetime
-from functools import partial
 
 import litellm
 from fastapi import Request
@@ -29,8 +28,10 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAut
 
 from plugin import runtime
 from plugin.api import PREFIX, router
-from plugin.identity import METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, request_labels
-from plugin.ledger import store
+from plugin.identity import (
+    CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
+    request_labels,
+)
 from plugin.metering import FinishedCall, bill, usage_from_openai
 from plugin.pricing import Usage
 
@@ -71,17 +72,20 @@ async def custom_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
     from litellm.proxy import proxy_server
 
     meterline = _meterline()
-    engine = meterline.engine
+    directory = meterline.directory
+    headers = dict(request.headers)
+    master_key = proxy_server.master_key or meterline.settings.master_key
+    named = headers.get(CUSTOMER_HEADER)
+    arguments = (
+        api_key, headers, master_key, directory.customer_for_secret, directory.customer_exists,
+        meterline.config.defer_unknown_keys_to_litellm,
+    )
+    from_memory = directory.knows_key(api_key) or (
+        is_master_key(api_key, master_key) and (named is None or directory.knows_customer(named))
+    )
     try:
-        identity = await asyncio.to_thread(
-            identify,
-            api_key,
-            dict(request.headers),
-            proxy_server.master_key or meterline.settings.master_key,
-            partial(store.customer_for_secret, engine),
-            lambda customer_id: store.get_customer(engine, customer_id) is not None,
-            meterline.config.defer_unknown_keys_to_litellm,
-        )
+        # Most requests resolve from memory; only a miss goes to the database, off the event loop.
+        identity = identify(*arguments) if from_memory else await asyncio.to_thread(identify, *arguments)
     except AuthFailure as failure:
         raise _refuse(failure.reason, failure.message, failure.status) from None
     except UnknownKey:

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from plugin.ledger.models import LedgerEntry
-from plugin.ledger.store import BillingRecord
+from plugin.ledger.store import BillingRecord, LedgerRow
 from plugin.pricing import PriceBook, Usage
 
 
@@ -73,7 +72,7 @@ def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
     """Price a finished call. A cache hit costs nothing and records what it saved."""
     charge = book.charge(call.usage, call.model, call.deployment_model)
     credits = 0 if call.cache_hit else charge.credits_ucr
-    entry = LedgerEntry(
+    entry = LedgerRow(
         id=call.ledger_id,
         customer_id=call.customer_id,
         member=call.member,

@@ -15,6 +15,7 @@ from functools import cached_property
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
+from plugin.ledger.directory import Directory
 from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.plans import Period, calendar_month
@@ -87,6 +88,10 @@ class Meterline:
     @cached_property
     def price_book(self) -> PriceBook:
         return build_price_book(self.config, self.model_cost)
+
+    @cached_property
+    def directory(self) -> Directory:
+        return Directory(self.engine, ttl=self.settings.key_cache_seconds)
 
     @cached_property
     def writer(self) -> LedgerWriter:

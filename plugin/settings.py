@@ -152,6 +152,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     config: Path = Path("meterline.yaml")
     fail_mode: Literal["closed", "open"] = "closed"
+    key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    """How long a resolved key is remembered: a revoked key stops working within this time."""
     master_key: str | None = Field(
         default=None, validation_alias=AliasChoices("LITELLM_MASTER_KEY", "METERLINE_MASTER_KEY")
     )

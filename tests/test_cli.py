@@ -13,8 +13,7 @@ import pytest
 from plugin import runtime
 from plugin.cli import main
 from plugin.ledger import store
-from plugin.ledger.models import LedgerEntry
-from plugin.ledger.store import BillingRecord
+from plugin.ledger.store import BillingRecord, LedgerRow
 from plugin.plans import calendar_month
 from plugin.settings import ConfigError
 
@@ -80,8 +79,8 @@ def cli(tmp_path, monkeypatch, capsys) -> Iterator[Cli]:
 
 
 def entry(ledger_id: str, customer_id: str, created_at: datetime, credits_ucr: int, *, model: str = "gpt-a",
-          member: str = "alice", action: str = "chat", cache_hit: bool = False, saved_ucr: int = 0) -> LedgerEntry:
-    return LedgerEntry(
+          member: str = "alice", action: str = "chat", cache_hit: bool = False, saved_ucr: int = 0) -> LedgerRow:
+    return LedgerRow(
         id=ledger_id, customer_id=customer_id, member=member, action=action, model=model, provider="openai",
         prompt_tokens=100, completion_tokens=50, cached_tokens=10, reasoning_tokens=5,
         credits_ucr=credits_ucr, provider_cost_uusd=0 if cache_hit else 42, cache_hit=cache_hit,

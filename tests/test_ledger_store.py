@@ -9,8 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from plugin.ledger import store
-from plugin.ledger.models import LedgerEntry
-from plugin.ledger.store import BillingRecord, make_engine
+from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
 from plugin.ledger.writer import LedgerWriter
 
 
@@ -30,13 +29,13 @@ def engine(request, tmp_path):
     engine.dispose()
 
 
-def entry(ledger_id: str, customer_id: str = "acme", credits: int = 1000, **fields) -> LedgerEntry:
+def entry(ledger_id: str, customer_id: str = "acme", credits: int = 1000, **fields) -> LedgerRow:
     values = dict(
         id=ledger_id, customer_id=customer_id, model="m", prompt_tokens=10, completion_tokens=5,
         credits_ucr=credits, created_at=datetime.now(UTC),
     )
     values.update(fields)
-    return LedgerEntry(**values)
+    return LedgerRow(**values)
 
 
 def test_write_is_idempotent_per_ledger_id(engine):

@@ -127,15 +127,44 @@ def customer_for_secret(engine: Engine, secret: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class LedgerRow:
+    """The values of one ledger row, as written. A plain dataclass: the hot path builds one per call."""
+
+    id: str
+    customer_id: str
+    model: str
+    created_at: datetime
+    member: str = "-"
+    action: str = "-"
+    provider: str = "-"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    credits_ucr: int = 0
+    provider_cost_uusd: int = 0
+    cache_hit: bool = False
+    saved_ucr: int = 0
+    stream: bool = False
+    usage_source: str = "provider"
+
+
+@dataclass(frozen=True)
 class BillingRecord:
     """Everything written for one billed call: its ledger row, its meter event, maybe an alert."""
 
-    entry: LedgerEntry
+    entry: LedgerRow
     alert: str | None = None
 
 
-def _insert_ignoring_duplicates(engine: Engine):
-    return pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+_LEDGER = LedgerEntry.__table__
+_OUTBOX = OutboxEvent.__table__
+_ALERTS = Alert.__table__
+# Built once: constructing and cache-keying a statement per row cost more than the commit itself.
+_INSERT_LEDGER = {
+    dialect: insert(_LEDGER).on_conflict_do_nothing(index_elements=["id"]).returning(_LEDGER.c.id)
+    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
 
 
 def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
@@ -144,36 +173,35 @@ def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
     A ledger id seen before is skipped with its outbox row, so a repeated write never bills twice.
     Only positive amounts become meter events: Stripe takes positive whole numbers.
     """
-    insert = _insert_ignoring_duplicates(engine)
-    ledger_table = LedgerEntry.__table__
-    outbox_table = OutboxEvent.__table__
-    new_rows = 0
+    unique: dict[str, BillingRecord] = {}
+    for record in records:
+        unique.setdefault(record.entry.id, record)
+    if not unique:
+        return 0
     with engine.begin() as connection:
-        for record in records:
-            row = record.entry.model_dump()
-            # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-            inserted = connection.execute(
-                insert(ledger_table).values(**row).on_conflict_do_nothing(index_elements=["id"]).returning(ledger_table.c.id)
-            ).first()
-            if inserted is None:
-                continue
-            new_rows += 1
-            if row["credits_ucr"] > 0:
-                connection.execute(
-                    outbox_table.insert().values(
-                        id=row["id"], customer_id=row["customer_id"], value_ucr=row["credits_ucr"],
-                        occurred_at=row["created_at"], status="pending", attempts=0,
-                        next_attempt_at=row["created_at"],
-                    )
-                )
-            if record.alert:
-                connection.execute(
-                    Alert.__table__.insert().values(
-                        kind="unbilled_tokens", customer_id=row["customer_id"], subject_id=row["id"],
-                        message=record.alert, created_at=row["created_at"],
-                    )
-                )
-    return new_rows
+        # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+        inserted = set(
+            connection.execute(
+                _INSERT_LEDGER[engine.dialect.name], [vars(record.entry) for record in unique.values()]
+            ).scalars()
+        )
+        new = [record for ledger_id, record in unique.items() if ledger_id in inserted]
+        events = [
+            {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
+             "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
+             "next_attempt_at": record.entry.created_at}
+            for record in new if record.entry.credits_ucr > 0
+        ]
+        if events:
+            connection.execute(_OUTBOX.insert(), events)
+        alerts = [
+            {"kind": "unbilled_tokens", "customer_id": record.entry.customer_id, "subject_id": record.entry.id,
+             "message": record.alert, "created_at": record.entry.created_at}
+            for record in new if record.alert
+        ]
+        if alerts:
+            connection.execute(_ALERTS.insert(), alerts)
+    return len(new)
 
 
 def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 1000) -> Iterator[LedgerEntry]:

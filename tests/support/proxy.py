@@ -87,6 +87,7 @@ def proxy_env(workdir: Path, database_url: str) -> dict[str, str]:
         METERLINE_DATABASE_URL=database_url,
         METERLINE_CONFIG=str(workdir / "meterline.yaml"),
         LITELLM_LOG="ERROR",
+        METERLINE_KEY_CACHE_SECONDS="1",
     )
     return env
 
