@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -138,7 +137,7 @@ class MeterlineLogger(CustomLogger):
         usage = usage_from_openai(_as_dict(getattr(response, "usage", None)))
         source = "provider"
         if usage is None:
-            usage, source = _counted_usage(data, _response_text(response)), "litellm"
+            usage, source = _counted_usage(data, _text(response, "message")), "litellm"
         hidden = getattr(response, "_hidden_params", None) or {}
         await _settle(data, state, usage, source, hidden, stream=False)
         return response
@@ -163,13 +162,13 @@ class MeterlineLogger(CustomLogger):
                 hidden = {**(getattr(chunk, "_hidden_params", None) or {}), **wrapper_hidden}
                 if held is not None:
                     yield held
-                    delivered.append(_chunk_text(held))
+                    delivered.append(_text(held, "delta"))
                 held = chunk
             # The stream is complete: bill it before the client receives the last chunk.
             usage = usage_from_openai(provider_usage)
             source = "provider"
             if usage is None:
-                text = "".join(delivered) + (_chunk_text(held) if held is not None else "")
+                text = "".join(delivered) + (_text(held, "delta") if held is not None else "")
                 usage, source = _counted_usage(request_data, text), "litellm"
             await _settle(request_data, state, usage, source, hidden, stream=True)
             if held is not None:
@@ -246,36 +245,28 @@ def _counted_usage(data: Mapping, completion_text: str) -> Usage:
     return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
 
 
-def _response_text(response) -> str:
-    choices = getattr(response, "choices", None) or []
-    parts = []
-    for choice in choices:
-        message = getattr(choice, "message", None)
-        content = getattr(message, "content", None)
-        if isinstance(content, str):
-            parts.append(content)
-    return "".join(parts)
-
-
-def _chunk_text(chunk) -> str:
-    choices = getattr(chunk, "choices", None) or []
-    parts = []
-    for choice in choices:
-        delta = getattr(choice, "delta", None)
-        content = getattr(delta, "content", None)
-        if isinstance(content, str):
-            parts.append(content)
-    return "".join(parts)
+def _text(response_or_chunk, part: str) -> str:
+    """The text content of a response (`part="message"`) or of a stream chunk (`part="delta"`)."""
+    contents = (
+        getattr(getattr(choice, part, None), "content", None) for choice in getattr(response_or_chunk, "choices", None) or []
+    )
+    return "".join(content for content in contents if isinstance(content, str))
 
 
 _background_tasks: set[asyncio.Task] = set()
 
 
 def _background(coroutine) -> None:
-    """Run a coroutine to completion even though its caller is going away."""
+    """Run a coroutine to completion even though its caller is going away; log if it fails."""
     task = asyncio.ensure_future(coroutine)
     _background_tasks.add(task)
-    task.add_done_callback(_background_tasks.discard)
+    task.add_done_callback(_finished_in_background)
+
+
+def _finished_in_background(task: asyncio.Task) -> None:
+    _background_tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("meterline: background billing failed: %s", task.exception().__class__.__name__)
 
 
 # ------------------------------------------------------------------------------ start-up
@@ -296,7 +287,6 @@ def _mount_api() -> None:
     log.info("meterline: API mounted under %s", PREFIX)
 
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 _meterline().writer  # open the database and start the writer now, not on the first request
 _mount_api()
 
