@@ -27,13 +27,18 @@ def _details(usage: Mapping[str, object], key: str) -> Mapping[str, object]:
 
 
 def usage_from_openai(usage: Mapping[str, object] | None) -> Usage | None:
-    """Parse an OpenAI-shaped `usage` object. Returns None when there is no usage at all.
+    """Parse a `usage` object. Returns None when there is no usage at all.
 
+    Chat-completions shape (`prompt_tokens`, ...) and the `input_tokens` shapes of the Responses
+    API (cached tokens inside input_tokens) and of Anthropic's Messages API (cache reads and
+    writes reported beside input_tokens) are all understood, so no route bills 0 by omission.
     Subset counts a provider over-reports are clamped to their totals, so a token is never
     priced twice even when the provider's numbers do not add up.
     """
     if not usage:
         return None
+    if "prompt_tokens" not in usage and "input_tokens" in usage:
+        usage = _as_chat_usage(usage)
     prompt = _count(usage.get("prompt_tokens"))
     completion = _count(usage.get("completion_tokens"))
     prompt_details = _details(usage, "prompt_tokens_details")
@@ -48,6 +53,24 @@ def usage_from_openai(usage: Mapping[str, object] | None) -> Usage | None:
         reasoning_tokens=reasoning, audio_input_tokens=audio_in, image_input_tokens=image_in,
         audio_output_tokens=audio_out,
     )
+
+
+def _as_chat_usage(usage: Mapping[str, object]) -> dict[str, object]:
+    """Responses-API or Anthropic usage -> the chat-completions shape."""
+    cache_read = _count(usage.get("cache_read_input_tokens"))
+    cache_write = _count(usage.get("cache_creation_input_tokens"))
+    if "cache_read_input_tokens" in usage or "cache_creation_input_tokens" in usage:
+        prompt, cached = _count(usage.get("input_tokens")) + cache_read + cache_write, cache_read  # Anthropic
+    else:
+        prompt, cached = _count(usage.get("input_tokens")), _count(_details(usage, "input_tokens_details").get("cached_tokens"))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": _count(usage.get("output_tokens")),
+        "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {
+            "reasoning_tokens": _count(_details(usage, "output_tokens_details").get("reasoning_tokens"))
+        },
+    }
 
 
 @dataclass(frozen=True)

@@ -227,3 +227,23 @@ def test_tokens_basis_model_without_provider_price_is_billed_without_alert():
     assert record.entry.credits_ucr == 2_820_000
     assert record.entry.provider_cost_uusd == 0
     assert record.alert is None
+
+
+def test_responses_api_usage_counts_cached_tokens_inside_input_tokens():
+    usage = usage_from_openai({
+        "input_tokens": 100, "output_tokens": 30,
+        "input_tokens_details": {"cached_tokens": 60}, "output_tokens_details": {"reasoning_tokens": 10},
+    })
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning_tokens) == (100, 60, 30, 10)
+
+
+def test_anthropic_usage_adds_cache_reads_and_writes_beside_input_tokens():
+    usage = usage_from_openai({
+        "input_tokens": 20, "output_tokens": 7, "cache_read_input_tokens": 500, "cache_creation_input_tokens": 40,
+    })
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens) == (560, 500, 7)
+
+
+def test_chat_shape_wins_when_both_shapes_are_present():
+    usage = usage_from_openai({"prompt_tokens": 9, "completion_tokens": 2, "input_tokens": 999, "output_tokens": 999})
+    assert (usage.prompt_tokens, usage.completion_tokens) == (9, 2)

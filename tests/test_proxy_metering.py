@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from plugin.ledger import store
-from tests.support.proxy import MASTER_KEY
+from plugin.ledger.store import make_engine
+from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy
 
 pytestmark = pytest.mark.proxy
 
@@ -282,3 +283,15 @@ def test_health_endpoint_is_open(metered):
     response = httpx.get(metered.proxy.base_url + "/meterline/v1/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
+
+
+def test_allow_anonymous_bills_unnamed_operator_traffic_to_the_anonymous_customer(tmp_path, upstream):
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    config = {**METERLINE_YAML, "allow_anonymous": True, "anonymous_customer": "walk-in"}
+    with run_proxy(tmp_path / "proxy", upstream.base_url, url, meterline_yaml=config) as proxy:
+        client = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key=MASTER_KEY, max_retries=0)
+        client.chat.completions.create(model="test-model", messages=ask("[[p=4 c=1]]"))
+    [row] = store.ledger_rows(engine)
+    assert (row.customer_id, row.credits_ucr) == ("walk-in", expected_ucr(4, 1))
+    engine.dispose()
