@@ -7,7 +7,9 @@ import signal
 import time
 
 import httpx
+import openai
 import pytest
+from sqlalchemy import text
 
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
@@ -88,3 +90,27 @@ async def test_every_response_received_is_in_the_ledger_after_kill_9(killable):
     assert len(received) >= 15
     billed = {row.prompt_tokens for row in store.ledger_rows(engine, "durable")}
     assert received <= billed, f"received but never billed: {sorted(received - billed)}"
+
+
+def test_an_answer_that_cannot_be_billed_is_withheld_with_503(metered):
+    tenant = metered.tenant(f"nobill-{unique()}")
+    with metered.engine.begin() as connection:  # the ledger refuses every insert, as a full disk would
+        connection.execute(text(
+            "CREATE TRIGGER refuse_ledger BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        ))
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=5 c=2]]"))
+    finally:
+        with metered.engine.begin() as connection:
+            connection.execute(text("DROP TRIGGER refuse_ledger"))
+    assert caught.value.status_code == 503
+    assert caught.value.response.json()["error"] == {
+        "message": "The request could not be recorded for billing, so its answer was withheld. Try again shortly.",
+        "type": "billing_unavailable", "param": None, "code": "503",
+    }
+    assert metered.ledger(tenant.customer_id) == []
+    # the writer recovers as soon as the database does
+    tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=5 c=2]]"))
+    [row] = metered.ledger(tenant.customer_id)
+    assert row.credits_ucr == expected_ucr(5, 2)
