@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import litellm
 from fastapi import Request
 from litellm.integrations.custom_logger import CustomLogger
+from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from plugin import runtime
@@ -37,7 +38,7 @@ from plugin.pricing import Usage
 log = logging.getLogger("meterline")
 
 STATE_KEY = "meterline"
-"""Per-request state, kept in the request's `metadata` (which LiteLLM never sends upstream)."""
+"""Per-request state, kept in LiteLLM's own metadata field (which LiteLLM never sends upstream)."""
 
 
 def _meterline() -> runtime.Meterline:
@@ -122,9 +123,9 @@ class MeterlineLogger(CustomLogger):
         body = server_request.get("body") if isinstance(server_request.get("body"), Mapping) else data
         headers = server_request.get("headers") if isinstance(server_request.get("headers"), Mapping) else {}
         member, action = request_labels(body, headers)
-        metadata = data.get("metadata")
+        metadata = data.get(_metadata_field(data))
         if not isinstance(metadata, dict):
-            metadata = data["metadata"] = {}
+            metadata = data[_metadata_field(data)] = {}
         metadata[STATE_KEY] = {
             "ledger_id": _new_ledger_id(), "customer": customer, "member": member, "action": action,
         }
@@ -164,21 +165,22 @@ class MeterlineLogger(CustomLogger):
                     yield held
                     delivered.append(_text(held, "delta"))
                 held = chunk
-            # The stream is complete: bill it before the client receives the last chunk.
-            usage = usage_from_openai(provider_usage)
-            source = "provider"
-            if usage is None:
-                text = "".join(delivered) + (_text(held, "delta") if held is not None else "")
-                usage, source = _counted_usage(request_data, text), "litellm"
-            await _settle(request_data, state, usage, source, hidden, stream=True)
-            if held is not None:
-                yield held
-        except (GeneratorExit, asyncio.CancelledError):
-            if "credits_ucr" not in state:
-                # The client went away mid-stream: bill what was delivered (policy "delivered").
+        except BaseException:
+            # The client went away, or the provider failed, mid-stream: bill what was delivered
+            # (policy "delivered"); a stream that delivered nothing was a failed attempt.
+            if delivered:
                 usage = _counted_usage(request_data, "".join(delivered))
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
             raise
+        # The stream is complete: bill it before the client receives the last chunk.
+        usage = usage_from_openai(provider_usage)
+        source = "provider"
+        if usage is None:
+            text = "".join(delivered) + (_text(held, "delta") if held is not None else "")
+            usage, source = _counted_usage(request_data, text), "litellm"
+        await _settle(request_data, state, usage, source, hidden, stream=True)
+        if held is not None:
+            yield held
 
     async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict, response, *args, **kwargs):
         state = _state(data)
@@ -187,8 +189,13 @@ class MeterlineLogger(CustomLogger):
         return {"x-meterline-credits": str(state["credits_ucr"])}
 
 
+def _metadata_field(data: Mapping[str, object]) -> str:
+    """LiteLLM's own metadata field: `litellm_metadata` on routes where `metadata` is the provider's."""
+    return get_metadata_variable_name_from_kwargs(data)
+
+
 def _state(data: Mapping[str, object]) -> dict | None:
-    metadata = data.get("metadata")
+    metadata = data.get(_metadata_field(data))
     state = metadata.get(STATE_KEY) if isinstance(metadata, Mapping) else None
     return state if isinstance(state, dict) else None
 

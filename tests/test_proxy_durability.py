@@ -114,3 +114,17 @@ def test_an_answer_that_cannot_be_billed_is_withheld_with_503(metered):
     tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=5 c=2]]"))
     [row] = metered.ledger(tenant.customer_id)
     assert row.credits_ucr == expected_ucr(5, 2)
+
+
+def test_stream_the_provider_breaks_mid_way_bills_what_was_delivered(metered):
+    tenant = metered.tenant(f"broken-{unique()}")
+    received: list[str] = []
+    with pytest.raises(openai.APIError):
+        for chunk in tenant.client.chat.completions.create(
+            model="test-model", messages=ask("[[p=8 c=50 cut=10 word_ms=20]]"), stream=True
+        ):
+            received.extend(choice.delta.content or "" for choice in chunk.choices)
+    assert "".join(received).startswith("w1 w2")
+    [row] = _wait_for_rows(metered, tenant.customer_id, 1)
+    assert (row.stream, row.usage_source) == (True, "delivered")
+    assert 0 < row.completion_tokens < 40  # ~10 words delivered, never the 50 the provider would have sent

@@ -22,6 +22,7 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 ``nousage=1``  when streaming, never send the usage chunk
 ``delay_ms=INT``   sleep before answering
 ``word_ms=INT``    when streaming, sleep this long before each word (a slow stream)
+``cut=INT``    when streaming, drop the connection after this many words (a provider failing mid-stream)
 =============  ==============================================================
 
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
@@ -55,7 +56,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DIRECTIVE_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
-INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms", "word_ms")
+INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms", "word_ms", "cut")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("gpt-4o-mini", "gpt-4o", "broken-model")
 
@@ -157,13 +158,20 @@ def chunk(base: dict[str, Any], delta: dict[str, Any], finish_reason: str | None
     return {**base, "choices": [choice]}
 
 
+class StreamCut(Exception):
+    """Raised inside a stream to make the server drop the connection mid-response."""
+
+
 async def stream_events(
-    base: dict[str, Any], words: list[str], usage: dict[str, Any] | None, word_seconds: float = 0.0
+    base: dict[str, Any], words: list[str], usage: dict[str, Any] | None, word_seconds: float = 0.0,
+    cut_after: int | None = None,
 ) -> AsyncIterator[str]:
     """SSE lines: one chunk per word, a stop chunk, an optional usage chunk, then [DONE]."""
     first: dict[str, Any] = {"role": "assistant", "content": words[0] if words else ""}
     yield f"data: {json.dumps(chunk(base, first))}\n\n"
-    for word in words[1:]:
+    for sent, word in enumerate(words[1:], start=1):
+        if cut_after is not None and sent >= cut_after:
+            raise StreamCut(f"cut after {sent} words")
         if word_seconds:
             await asyncio.sleep(word_seconds)
         yield f"data: {json.dumps(chunk(base, {'content': ' ' + word}))}\n\n"
@@ -211,7 +219,9 @@ async def chat_completions(request: Request) -> Response:
             "system_fingerprint": None}
     if stream:
         base["object"] = "chat.completion.chunk"
-        events = stream_events(base, words, usage if usage_sent else None, directives.get("word_ms", 0) / 1000)
+        events = stream_events(
+            base, words, usage if usage_sent else None, directives.get("word_ms", 0) / 1000, directives.get("cut"),
+        )
         return StreamingResponse(events, media_type="text/event-stream")
     message = {"role": "assistant", "content": " ".join(words)}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
