@@ -165,7 +165,8 @@ def test_tokens_billed_zero_credits_raise_an_alert(metered):
     assert "13 tokens on model 'unpriced'" in alert.message
 
 
-async def test_two_customers_concurrently_are_billed_exactly_what_the_upstream_reported(metered, upstream):
+async def test_two_customers_concurrently_are_billed_exactly_what_the_upstream_reported(any_backend, upstream):
+    metered = any_backend
     tenants = [metered.tenant(f"conc-{unique()}") for _ in range(2)]
     rng = random.Random(7)
     semaphore = asyncio.Semaphore(25)
