@@ -294,7 +294,7 @@ def _mount_api() -> None:
     log.info("meterline: API mounted under %s", PREFIX)
 
 
-_meterline().writer  # open the database and start the writer now, not on the first request
+_meterline().start()
 _mount_api()
 
 meterline_logger = MeterlineLogger()

@@ -97,6 +97,17 @@ class Meterline:
     def writer(self) -> LedgerWriter:
         return LedgerWriter(self.engine)
 
+    def start(self) -> None:
+        """Open the database and start the ledger writer now rather than on the first request."""
+        self.writer  # noqa: B018  (cached_property: the access is the point)
+
+    def close(self) -> None:
+        """Drain the writer and release database connections (what was never opened is skipped)."""
+        if "writer" in self.__dict__:
+            self.writer.close()
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+
     def period(self, customer_id: str, now: datetime | None = None) -> Period:
         """The customer's current billing period (calendar month until plans add anchors)."""
         return calendar_month(now or datetime.now(UTC))
@@ -123,6 +134,6 @@ def reset_for_tests() -> None:
     """Forget the process's Meterline (tests build several in one process)."""
     global _current
     with _lock:
-        if _current is not None and "writer" in _current.__dict__:
-            _current.writer.close()
+        if _current is not None:
+            _current.close()
         _current = None

@@ -15,7 +15,6 @@ from plugin.cli import main
 from plugin.ledger import store
 from plugin.ledger.store import BillingRecord, LedgerRow
 from plugin.plans import calendar_month
-from plugin.settings import ConfigError
 
 M = 1_000_000
 
@@ -71,10 +70,6 @@ def cli(tmp_path, monkeypatch, capsys) -> Iterator[Cli]:
     monkeypatch.setenv("METERLINE_CONFIG", str(config))
     runtime.reset_for_tests()
     yield Cli(capsys)
-    try:
-        runtime.current().engine.dispose()
-    except ConfigError:  # a test that broke meterline.yaml on purpose
-        pass
     runtime.reset_for_tests()
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from plugin.ledger import store
 from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
@@ -60,7 +61,7 @@ def test_a_failing_batch_writes_nothing(engine):
     bad = entry("bad", customer_id="x" * 65)  # longer than the column allows on Postgres; on SQLite a NULL model
     if engine.dialect.name == "sqlite":
         bad = entry("bad", model=None)
-    with pytest.raises(Exception):
+    with pytest.raises(DBAPIError):
         store.write_records(engine, [BillingRecord(entry("good")), BillingRecord(bad)])
     assert list(store.ledger_rows(engine)) == []
     assert store.list_outbox_ids(engine) == []
@@ -112,7 +113,7 @@ async def test_writer_reports_a_failed_commit_to_every_waiter(engine):
     writer = LedgerWriter(engine)
     engine_for_bad_row = entry("x", customer_id="acme", model=None)
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(DBAPIError):
             await writer.write(BillingRecord(engine_for_bad_row))
         await writer.write(BillingRecord(entry("after")))  # the writer keeps going after a failure
     finally:

@@ -210,8 +210,7 @@ def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 100
         query = select(LedgerEntry).order_by(LedgerEntry.created_at, LedgerEntry.id)
         if customer_id is not None:
             query = query.where(LedgerEntry.customer_id == customer_id)
-        for row in session.exec(query.execution_options(yield_per=batch)).scalars():
-            yield row
+        yield from session.exec(query.execution_options(yield_per=batch)).scalars()
 
 
 def list_outbox_ids(engine: Engine, customer_id: str | None = None) -> list[str]:

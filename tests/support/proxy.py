@@ -100,23 +100,22 @@ def run_proxy(workdir: Path, upstream_base_url: str, database_url: str, plugin: 
     (workdir / "litellm_config.yaml").write_text(yaml.safe_dump(litellm_config(upstream_base_url, plugin)))
     (workdir / "meterline.yaml").write_text(yaml.safe_dump(meterline_yaml or METERLINE_YAML))
     port = free_port()
-    log_file = open(workdir / "proxy.log", "wb")
-    process = subprocess.Popen(
-        [str(LITELLM), "--config", str(workdir / "litellm_config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=workdir, env=proxy_env(workdir, database_url), stdout=log_file, stderr=subprocess.STDOUT,
-    )
-    proxy = Proxy(port=port, database_url=database_url, workdir=workdir, process=process)
-    try:
-        _wait_ready(proxy, plugin, timeout)
-        yield proxy
-    finally:
-        process.terminate()
+    with open(workdir / "proxy.log", "wb") as log_file:
+        process = subprocess.Popen(
+            [str(LITELLM), "--config", str(workdir / "litellm_config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+            cwd=workdir, env=proxy_env(workdir, database_url), stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        proxy = Proxy(port=port, database_url=database_url, workdir=workdir, process=process)
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log_file.close()
+            _wait_ready(proxy, plugin, timeout)
+            yield proxy
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
 
 
 def _wait_ready(proxy: Proxy, plugin: bool, timeout: float) -> None:
