@@ -1,8 +1,11 @@
 """Plugin overhead: the same LiteLLM proxy with meterline on and off, against the same upstream.
 
-Both proxies run side by side; phases are interleaved (on, off, on, off, ...) so drift in the
-machine's load hits both alike. Reported:
-  - latency at 1 concurrent: p50 and p99 per side, and the difference (the plugin's added latency);
+Both proxies run side by side. Latency requests alternate one by one between the sides, and
+load rounds alternate (on, off, on, off, ...), so drift in the machine's load hits both alike.
+Reported:
+  - latency at 1 concurrent: p50 and p99 per side and their difference (the plugin's added
+    latency), measured twice: alternating request by request between the sides, and back to back
+    on one side (where each request meets the previous one's background logging work);
   - throughput at N concurrent: requests/s per side and the ratio on/off;
   - proxy CPU time per request (user + system, from /proc), per side.
 
@@ -42,7 +45,22 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-async def latency_phase(client: httpx.AsyncClient, key: str, count: int) -> list[float]:
+async def latency_phase(clients: dict, sides: dict, count: int) -> dict[str, list[float]]:
+    """Sequential requests alternating between the sides, so any drift hits both alike."""
+    samples: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(count):
+        for name, side in sides.items():
+            start = time.perf_counter()
+            response = await clients[name].post(
+                "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {side['key']}"}
+            )
+            samples[name].append((time.perf_counter() - start) * 1000)
+            response.raise_for_status()
+    return samples
+
+
+async def back_to_back_phase(client: httpx.AsyncClient, key: str, count: int) -> list[float]:
+    """Sequential requests to one side only: each request meets the previous one's background work."""
     samples = []
     for _ in range(count):
         start = time.perf_counter()
@@ -68,23 +86,25 @@ async def throughput_phase(client: httpx.AsyncClient, key: str, count: int, conc
 
 
 async def measure(sides: dict, args) -> dict:
-    results = {name: {"latency": [], "rps": [], "cpu": 0.0, "requests": 0} for name in sides}
+    results = {name: {"latency": [], "back_to_back": [], "rps": [], "cpu": 0.0, "requests": 0} for name in sides}
     clients = {
         name: httpx.AsyncClient(base_url=side["url"], timeout=60, limits=httpx.Limits(max_connections=args.concurrency + 5))
         for name, side in sides.items()
     }
     try:
-        for name, side in sides.items():  # warm-up: imports, connection pools, first-request caches
-            await latency_phase(clients[name], side["key"], 20)
+        await latency_phase(clients, sides, 20)  # warm-up: imports, connection pools, first-request caches
         for _ in range(args.rounds):
+            before = {name: cpu_seconds(side["pid"]) for name, side in sides.items()}
+            for name, samples in (await latency_phase(clients, sides, args.latency_requests)).items():
+                results[name]["latency"] += samples
             for name, side in sides.items():
-                before = cpu_seconds(side["pid"])
-                results[name]["latency"] += await latency_phase(clients[name], side["key"], args.latency_requests)
+                results[name]["back_to_back"] += await back_to_back_phase(clients[name], side["key"], args.latency_requests)
                 results[name]["rps"].append(
                     await throughput_phase(clients[name], side["key"], args.load_requests, args.concurrency)
                 )
-                results[name]["cpu"] += cpu_seconds(side["pid"]) - before
-                results[name]["requests"] += args.latency_requests + args.load_requests
+            for name, side in sides.items():
+                results[name]["cpu"] += cpu_seconds(side["pid"]) - before[name]
+                results[name]["requests"] += 2 * args.latency_requests + args.load_requests
     finally:
         for client in clients.values():
             await client.aclose()
@@ -95,17 +115,21 @@ def report(results: dict, args) -> str:
     on = results["on"]
     p50 = {name: statistics.median(side["latency"]) for name, side in results.items()}
     p99 = {name: percentile(side["latency"], 99) for name, side in results.items()}
+    b2b50 = {name: statistics.median(side["back_to_back"]) for name, side in results.items()}
+    b2b99 = {name: percentile(side["back_to_back"], 99) for name, side in results.items()}
     rps = {name: statistics.median(side["rps"]) for name, side in results.items()}
     cpu = {name: side["cpu"] / side["requests"] * 1000 for name, side in results.items()}
     lines = [
         "| measure | plugin off | plugin on | on - off / ratio |",
         "|---|---|---|---|",
-        f"| p50 latency, 1 concurrent (ms) | {p50['off']:.2f} | {p50['on']:.2f} | +{p50['on'] - p50['off']:.2f} ms |",
-        f"| p99 latency, 1 concurrent (ms) | {p99['off']:.2f} | {p99['on']:.2f} | +{p99['on'] - p99['off']:.2f} ms |",
+        f"| p50 latency, 1 concurrent, alternating (ms) | {p50['off']:.2f} | {p50['on']:.2f} | {p50['on'] - p50['off']:+.2f} ms |",
+        f"| p99 latency, 1 concurrent, alternating (ms) | {p99['off']:.2f} | {p99['on']:.2f} | {p99['on'] - p99['off']:+.2f} ms |",
+        f"| p50 latency, back to back (ms) | {b2b50['off']:.2f} | {b2b50['on']:.2f} | {b2b50['on'] - b2b50['off']:+.2f} ms |",
+        f"| p99 latency, back to back (ms) | {b2b99['off']:.2f} | {b2b99['on']:.2f} | {b2b99['on'] - b2b99['off']:+.2f} ms |",
         f"| throughput, {args.concurrency} concurrent (req/s) | {rps['off']:.1f} | {rps['on']:.1f} | ratio {rps['on'] / rps['off']:.3f} |",
-        f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | +{cpu['on'] - cpu['off']:.2f} ms |",
+        f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | {cpu['on'] - cpu['off']:+.2f} ms |",
     ]
-    samples = f"{len(on['latency'])} latency samples and {len(on['rps'])} load rounds of {args.load_requests} per side"
+    samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load rounds of {args.load_requests} per side"
     return "\n".join(lines) + f"\n\n{samples}; ledger on SQLite (embedded defaults)."
 
 

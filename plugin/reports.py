@@ -14,7 +14,12 @@ class UnknownCustomer(LookupError):
 
 
 def usage_report(meterline: Meterline, customer_id: str, now: datetime) -> dict:
-    """The customer's current period as one JSON-ready object (DESIGN.md `usage ID --json`)."""
+    """The customer's current period as one JSON-ready object (DESIGN.md `usage ID --json`).
+
+    Reservations, hard limits and the circuit breaker arrive with the plans-and-limits work; until
+    then nothing is ever reserved, no hard limit exists and no breaker can open, and the report
+    says exactly that (0, null, "closed") rather than leaving the contract's fields out.
+    """
     customer = store.get_customer(meterline.engine, customer_id)
     if customer is None:
         raise UnknownCustomer(customer_id)

@@ -57,7 +57,6 @@ def _positive(value: Fraction) -> Fraction:
     return value
 
 
-Exact = Annotated[Fraction, BeforeValidator(_exact)]
 NonNegative = Annotated[Fraction, BeforeValidator(lambda v: _non_negative(_exact(v)))]
 Positive = Annotated[Fraction, BeforeValidator(lambda v: _positive(_exact(v)))]
 
