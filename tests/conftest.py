@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from sqlalchemy import text
 
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
@@ -28,6 +29,19 @@ def postgres_url(tmp_path_factory) -> Iterator[str]:
         pytest.fail("PostgreSQL binaries (initdb, pg_ctl) are missing: `make test` expects them on this machine")
     with running_postgres(tmp_path_factory.mktemp("pg")) as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path) -> str:
+    """An empty ledger database: a fresh SQLite file, or the session's PostgreSQL emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url = request.getfixturevalue("postgres_url")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers CASCADE"))
+    engine.dispose()
+    return url
 
 
 @dataclass

@@ -63,10 +63,11 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, capsys) -> Iterator[Cli]:
+def cli(tmp_path, monkeypatch, capsys, database_url) -> Iterator[Cli]:
+    """The CLI against an empty ledger, on SQLite and on PostgreSQL."""
     config = tmp_path / "meterline.yaml"
     config.write_text(CONFIG)
-    monkeypatch.setenv("METERLINE_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("METERLINE_DATABASE_URL", database_url)
     monkeypatch.setenv("METERLINE_CONFIG", str(config))
     runtime.reset_for_tests()
     yield Cli(capsys)

@@ -14,16 +14,9 @@ from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
 from plugin.ledger.writer import LedgerWriter
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def engine(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
-    if request.param == "postgres":  # one server for the session: start each test from empty tables
-        with engine.begin() as connection:
-            connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers CASCADE"))
+@pytest.fixture
+def engine(database_url):
+    engine = make_engine(database_url)
     store.add_customer(engine, "acme", "pro")
     store.add_customer(engine, "globex", "free")
     yield engine
