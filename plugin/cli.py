@@ -9,6 +9,8 @@ import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from plugin import runtime
 from plugin.ledger import store
 from plugin.ledger.models import LedgerEntry
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     except (BadInput, ConfigError, store.StoreError) as problem:
         print(str(problem).splitlines()[0], file=sys.stderr)
         return 2
+    except SQLAlchemyError as problem:  # the message may carry connection details: name the class only
+        print(f"meterline: database error ({problem.__class__.__name__}); check METERLINE_DATABASE_URL "
+              "and that the database is running", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     return 0

@@ -22,7 +22,7 @@ from plugin.plans import Period, calendar_month
 from plugin.pricing import PER_MILLION, CreditRule, PriceBook, ProviderPrice, Weights
 from plugin.settings import (
     DEFAULT_WEIGHTS, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
-    load_config,
+    load_config, load_settings,
 )
 
 
@@ -122,7 +122,7 @@ def current(model_cost: Mapping[str, Mapping[str, object]] | None = None) -> Met
     global _current
     with _lock:
         if _current is None:
-            settings = Settings()
+            settings = load_settings()
             _current = Meterline(settings=settings, config=load_config(config_path(settings)), model_cost=model_cost)
         elif model_cost is not None and _current.model_cost is None:
             _current.model_cost = model_cost

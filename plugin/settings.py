@@ -158,6 +158,16 @@ class Settings(BaseSettings):
     )
 
 
+def load_settings() -> Settings:
+    """Settings from the environment; a bad value is a ConfigError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "METERLINE_" + str(first["loc"][0]).upper() if first["loc"] else "METERLINE_*"
+        raise ConfigError(f"environment: {name}: {first['msg']}") from None
+
+
 def load_config(path: Path) -> MeterlineConfig:
     """Read meterline.yaml; a missing file means all defaults. Errors name the offending field."""
     if not path.exists():
