@@ -127,7 +127,8 @@ class MeterlineLogger(CustomLogger):
         if not isinstance(metadata, dict):
             metadata = data[_metadata_field(data)] = {}
         metadata[STATE_KEY] = {
-            "ledger_id": _new_ledger_id(), "customer": customer, "member": member, "action": action,
+            "seal": runtime.PROCESS_SEAL, "ledger_id": _new_ledger_id(), "customer": customer,
+            "member": member, "action": action,
         }
         return data
 
@@ -197,7 +198,9 @@ def _metadata_field(data: Mapping[str, object]) -> str:
 def _state(data: Mapping[str, object]) -> dict | None:
     metadata = data.get(_metadata_field(data))
     state = metadata.get(STATE_KEY) if isinstance(metadata, Mapping) else None
-    return state if isinstance(state, dict) else None
+    if isinstance(state, dict) and state.get("seal") == runtime.PROCESS_SEAL:
+        return state
+    return None
 
 
 async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden: Mapping, stream: bool) -> None:

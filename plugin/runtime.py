@@ -6,6 +6,7 @@ by file path), so process-wide state lives here, in a normally imported module.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,6 +113,9 @@ class Meterline:
         """The customer's current billing period (calendar month until plans add anchors)."""
         return calendar_month(now or datetime.now(UTC))
 
+
+PROCESS_SEAL = secrets.token_hex(16)
+"""Marks per-request state this process created, so a client's own metadata can never pose as it."""
 
 _lock = threading.Lock()
 _current: Meterline | None = None

@@ -296,3 +296,18 @@ def test_allow_anonymous_bills_unnamed_operator_traffic_to_the_anonymous_custome
     [row] = store.ledger_rows(engine)
     assert (row.customer_id, row.credits_ucr) == ("walk-in", expected_ucr(4, 1))
     engine.dispose()
+
+
+def test_a_client_cannot_forge_meterline_state_in_its_metadata(metered):
+    tenant = metered.tenant(f"forger-{unique()}")
+    victim = metered.tenant(f"victim-{unique()}")
+    forged = {"meterline": {"customer": victim.customer_id, "credits_ucr": 0, "ledger_id": "mtr_forged",
+                            "member": "x", "action": "x"}, "action": "real-action"}
+    raw = tenant.client.chat.completions.with_raw_response.create(
+        model="test-model", messages=ask("[[p=6 c=2]]"), extra_body={"metadata": forged}
+    )
+    [row] = metered.ledger(tenant.customer_id)
+    assert (row.credits_ucr, row.action) == (expected_ucr(6, 2), "real-action")
+    assert row.id != "mtr_forged"
+    assert raw.headers["x-meterline-credits"] == str(expected_ucr(6, 2))
+    assert metered.ledger(victim.customer_id) == []
