@@ -314,28 +314,31 @@ def test_ledger_export_bad_options_are_refused(cli):
     cli.fails("ledger", "export", "--customer", "bad id")
 
 
-def test_an_unreachable_database_is_one_line_without_secrets_and_exit_1(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("METERLINE_DATABASE_URL", "postgresql+psycopg://meterline:s3cret-pw@127.0.0.1:1/meterline")
-    monkeypatch.setenv("METERLINE_CONFIG", str(tmp_path / "absent.yaml"))
+def run_outside_the_fixture(monkeypatch, capsys, env: dict[str, str], *argv: str) -> tuple[int, str]:
+    """Run the CLI with a given environment (and no working ledger fixture); returns (code, stderr)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     runtime.reset_for_tests()
     try:
-        code = main(["customers", "list"], out=io.StringIO())
+        code = main(list(argv), out=io.StringIO())
     finally:
         runtime.reset_for_tests()
-    err = capsys.readouterr().err
+    return code, capsys.readouterr().err
+
+
+def test_an_unreachable_database_is_one_line_without_secrets_and_exit_1(tmp_path, monkeypatch, capsys):
+    code, err = run_outside_the_fixture(monkeypatch, capsys, {
+        "METERLINE_DATABASE_URL": "postgresql+psycopg://meterline:s3cret-pw@127.0.0.1:1/meterline",
+        "METERLINE_CONFIG": str(tmp_path / "absent.yaml"),
+    }, "customers", "list")
     assert code == 1
     assert err.count("\n") == 1 and "database error (OperationalError)" in err
     assert "s3cret-pw" not in err and "Traceback" not in err
 
 
 def test_a_bad_environment_value_is_exit_2_naming_the_variable(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("METERLINE_KEY_CACHE_SECONDS", "soon")
-    monkeypatch.setenv("METERLINE_DATABASE_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
-    runtime.reset_for_tests()
-    try:
-        code = main(["customers", "list"], out=io.StringIO())
-    finally:
-        runtime.reset_for_tests()
-    err = capsys.readouterr().err
+    code, err = run_outside_the_fixture(monkeypatch, capsys, {
+        "METERLINE_KEY_CACHE_SECONDS": "soon", "METERLINE_DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }, "customers", "list")
     assert code == 2
     assert err.startswith("environment: METERLINE_KEY_CACHE_SECONDS:") and err.count("\n") == 1
