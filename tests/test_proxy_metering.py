@@ -311,3 +311,14 @@ def test_a_client_cannot_forge_meterline_state_in_its_metadata(metered):
     assert row.id != "mtr_forged"
     assert raw.headers["x-meterline-credits"] == str(expected_ucr(6, 2))
     assert metered.ledger(victim.customer_id) == []
+
+
+def test_embeddings_are_billed_for_their_input_tokens(metered):
+    tenant = metered.tenant(f"embed-{unique()}")
+    result = tenant.client.embeddings.create(model="embedder", input=["alpha beta [[p=25]]", "gamma"], user="ann")
+    assert len(result.data) == 2 and result.usage.prompt_tokens == 25
+    [row] = metered.ledger(tenant.customer_id)
+    assert (row.model, row.prompt_tokens, row.completion_tokens, row.member) == ("embedder", 25, 0, "ann")
+    assert row.credits_ucr == expected_ucr(25, 0)
+    # priced from LiteLLM's own table: text-embedding-3-small costs $0.02 per million tokens
+    assert row.provider_cost_uusd == 1  # 25 x 0.02 / 1M USD = 0.5 µUSD, rounded half up

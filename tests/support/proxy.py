@@ -49,6 +49,7 @@ def litellm_config(upstream_base_url: str, plugin: bool = True) -> dict:
             deployment("primary", "broken-model"),
             deployment("backup", "gpt-4o"),
             deployment("unpriced", "unpriced-model"),
+            deployment("embedder", "text-embedding-3-small"),
         ],
         "router_settings": {"fallbacks": [{"primary": ["backup"]}]},
         "litellm_settings": {

@@ -25,6 +25,8 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 ``cut=INT``    when streaming, drop the connection after this many words (a provider failing mid-stream)
 =============  ==============================================================
 
+``POST /v1/embeddings`` answers too, with ``prompt_tokens`` = the words of its inputs (or ``p``).
+
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
 with ``broken`` always answers 500. Control endpoints live under ``/_control``.
 
@@ -231,6 +233,26 @@ async def chat_completions(request: Request) -> Response:
 # --------------------------------------------------------------------------- control
 
 
+async def embeddings(request: Request) -> Response:
+    """OpenAI embeddings: prompt_tokens = words across the inputs (or a ``[[p=..]]`` directive)."""
+    state: State = request.app.state.upstream
+    body = await request.json()
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else [str(item) for item in inputs or []]
+    directives = parse_directives(texts)
+    prompt = directives.get("p", count_words(texts))
+    state.log.append({
+        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
+        "status": 200, "stream": False, "usage_sent": True, "prompt_tokens": prompt, "completion_tokens": 0,
+        "cached_tokens": 0, "reasoning_tokens": 0, "user": body.get("user"),
+    })
+    data = [{"object": "embedding", "index": index, "embedding": [0.0, 0.1, 0.2]} for index in range(len(texts))]
+    return JSONResponse({
+        "object": "list", "data": data, "model": body.get("model"),
+        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+    })
+
+
 async def control_log(request: Request) -> Response:
     return JSONResponse(request.app.state.upstream.log)
 
@@ -262,6 +284,8 @@ def make_app() -> Starlette:
     app = Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/_control/log", control_log, methods=["GET"]),
