@@ -160,11 +160,11 @@ class MeterlineLogger(CustomLogger):
         held = None
         try:
             async for chunk in response:
-                provider_usage = _as_dict(getattr(chunk, "usage", None)) or provider_usage
+                provider_usage = _chunk_usage(chunk) or provider_usage
                 hidden = {**(getattr(chunk, "_hidden_params", None) or {}), **wrapper_hidden}
                 if held is not None:
                     yield held
-                    delivered.append(_text(held, "delta"))
+                    delivered.append(_chunk_text(held))
                 held = chunk
         except BaseException:
             # The client went away, or the provider failed, mid-stream: bill what was delivered
@@ -177,9 +177,9 @@ class MeterlineLogger(CustomLogger):
         usage = usage_from_openai(provider_usage)
         source = "provider"
         if usage is None:
-            text = "".join(delivered) + (_text(held, "delta") if held is not None else "")
+            text = "".join(delivered) + (_chunk_text(held) if held is not None else "")
             usage, source = _counted_usage(request_data, text), "litellm"
-        await _settle(request_data, state, usage, source, hidden, stream=True)
+        await _settle(request_data, state, usage, source, hidden, stream=True, chunks=len(delivered) + 1)
         if held is not None:
             yield held
 
@@ -203,7 +203,9 @@ def _state(data: Mapping[str, object]) -> dict | None:
     return None
 
 
-async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden: Mapping, stream: bool) -> None:
+async def _settle(
+    data: Mapping, state: dict, usage: Usage, source: str, hidden: Mapping, stream: bool, chunks: int = 0
+) -> None:
     """Price the call and commit its ledger + outbox rows; refuse to answer if that fails."""
     meterline = _meterline()
     call = FinishedCall(
@@ -219,6 +221,7 @@ async def _settle(data: Mapping, state: dict, usage: Usage, source: str, hidden:
         cache_hit=bool(hidden.get("cache_hit")),
         stream=stream,
         usage_source=source,
+        chunks=chunks,
     )
     record = bill(call, meterline.price_book)
     try:
@@ -250,9 +253,24 @@ def _counted_usage(data: Mapping, completion_text: str) -> Usage:
     """LiteLLM's own token count, for providers that send no usage. Never 0 when text flowed."""
     model = str(data.get("model") or "")
     messages = data.get("messages")
+    if messages is None and isinstance(data.get("input"), str):  # Responses API with a plain-text input
+        messages = [{"role": "user", "content": data["input"]}]
+    elif messages is None:
+        messages = data.get("input")
     prompt = litellm.token_counter(model=model, messages=messages) if isinstance(messages, list) and messages else 0
     completion = litellm.token_counter(model=model, text=completion_text) if completion_text else 0
     return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
+
+
+def _chunk_usage(chunk) -> Mapping[str, object] | None:
+    """Usage on a chat chunk, or on the `response` of a Responses-API `response.completed` event."""
+    return _as_dict(getattr(chunk, "usage", None)) or _as_dict(getattr(getattr(chunk, "response", None), "usage", None))
+
+
+def _chunk_text(chunk) -> str:
+    """Text a stream chunk carries: a chat delta, or a Responses-API event's `delta` string."""
+    delta = getattr(chunk, "delta", None)
+    return delta if isinstance(delta, str) else _text(chunk, "delta")
 
 
 def _text(response_or_chunk, part: str) -> str:

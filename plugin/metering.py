@@ -89,6 +89,8 @@ class FinishedCall:
     cache_hit: bool = False
     stream: bool = False
     usage_source: str = "provider"
+    chunks: int = 0
+    """How many chunks a stream carried; a long stream with no countable tokens is suspicious."""
 
 
 def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
@@ -120,5 +122,10 @@ def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
         alert = (
             f"{call.usage.total_tokens} tokens on model {call.model!r} were billed 0 credits because {why}; "
             "add a price or a credit rule for it in meterline.yaml"
+        )
+    elif not call.cache_hit and call.usage.total_tokens == 0 and call.chunks > 2:
+        alert = (
+            f"a stream of {call.chunks} chunks on model {call.model!r} had no usage and no countable text, "
+            "so it was billed 0 credits; its chunk format is not understood"
         )
     return BillingRecord(entry=entry, alert=alert)

@@ -247,3 +247,10 @@ def test_anthropic_usage_adds_cache_reads_and_writes_beside_input_tokens():
 def test_chat_shape_wins_when_both_shapes_are_present():
     usage = usage_from_openai({"prompt_tokens": 9, "completion_tokens": 2, "input_tokens": 999, "output_tokens": 999})
     assert (usage.prompt_tokens, usage.completion_tokens) == (9, 2)
+
+
+def test_a_long_stream_with_nothing_countable_raises_an_alert():
+    record = bill(call(usage=Usage(), stream=True, chunks=40), BOOK)
+    assert record.entry.credits_ucr == 0
+    assert "a stream of 40 chunks" in record.alert
+    assert bill(call(usage=Usage(), stream=True, chunks=2), BOOK).alert is None  # e.g. an empty answer

@@ -322,3 +322,21 @@ def test_embeddings_are_billed_for_their_input_tokens(metered):
     assert row.credits_ucr == expected_ucr(25, 0)
     # priced from LiteLLM's own table: text-embedding-3-small costs $0.02 per million tokens
     assert row.provider_cost_uusd == 1  # 25 x 0.02 / 1M USD = 0.5 µUSD, rounded half up
+
+
+def test_responses_api_is_billed_from_its_usage(metered):
+    tenant = metered.tenant(f"responses-{unique()}")
+    result = tenant.client.responses.create(model="test-model", input="hello [[p=30 c=4 cached=10]]", user="ann")
+    assert result.output_text == "w1 w2 w3 w4"
+    [row] = metered.ledger(tenant.customer_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.cached_tokens, row.stream) == (30, 4, 10, False)
+    assert row.credits_ucr == expected_ucr(30, 4, cached=10)
+
+
+def test_streamed_responses_api_is_billed_from_the_completed_event(metered):
+    tenant = metered.tenant(f"responses-stream-{unique()}")
+    events = list(tenant.client.responses.create(model="test-model", input="hello [[p=31 c=5]]", stream=True))
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == "w1 w2 w3 w4 w5"
+    [row] = metered.ledger(tenant.customer_id)
+    assert (row.prompt_tokens, row.completion_tokens, row.stream, row.usage_source) == (31, 5, True, "provider")
+    assert row.credits_ucr == expected_ucr(31, 5)

@@ -25,6 +25,7 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 ``cut=INT``    when streaming, drop the connection after this many words (a provider failing mid-stream)
 =============  ==============================================================
 
+``POST /v1/responses`` (the Responses API, streamed as typed events) takes the same directives.
 ``POST /v1/embeddings`` answers too, with ``prompt_tokens`` = the words of its inputs (or ``p``).
 
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
@@ -253,6 +254,59 @@ async def embeddings(request: Request) -> Response:
     })
 
 
+def responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """The chat usage object in the Responses API's shape (cached tokens inside input_tokens)."""
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+        "output_tokens": usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"]},
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+async def responses(request: Request) -> Response:
+    """OpenAI Responses API: the same directives as chat; streams as typed SSE events."""
+    state: State = request.app.state.upstream
+    body = await request.json()
+    inputs = body.get("input")
+    texts = [inputs] if isinstance(inputs, str) else message_texts(inputs or [])
+    directives = parse_directives(texts)
+    usage = decide_usage({"max_tokens": body.get("max_output_tokens")}, directives, texts)
+    stream = bool(body.get("stream"))
+    state.log.append({
+        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
+        "status": 200, "stream": stream, "usage_sent": True, "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+        "reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"], "user": body.get("user"),
+    })
+    text = " ".join(f"w{i}" for i in range(1, usage["completion_tokens"] + 1))
+    message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    final = {
+        "id": f"resp_{uuid.uuid4().hex}", "object": "response", "created_at": int(time.time()),
+        "status": "completed", "model": body.get("model"), "output": [message], "usage": responses_usage(usage),
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "error": None, "incomplete_details": None,
+        "instructions": None, "metadata": {}, "temperature": 1.0, "top_p": 1.0, "text": {"format": {"type": "text"}},
+    }
+    if not stream:
+        return JSONResponse(final)
+
+    async def events() -> AsyncIterator[str]:
+        started = {**final, "status": "in_progress", "output": [], "usage": None}
+        sequence = [("response.created", {"response": started})]
+        sequence += [
+            ("response.output_text.delta",
+             {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": (" " if index else "") + word})
+            for index, word in enumerate(text.split())
+        ]
+        sequence.append(("response.completed", {"response": final}))
+        for number, (kind, payload) in enumerate(sequence):
+            yield f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': number, **payload})}\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 async def control_log(request: Request) -> Response:
     return JSONResponse(request.app.state.upstream.log)
 
@@ -285,6 +339,8 @@ def make_app() -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/responses", responses, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
