@@ -32,8 +32,9 @@ from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
     request_labels,
 )
-from plugin.metering import FinishedCall, bill, usage_from_openai
+from plugin.metering import FinishedCall, bill
 from plugin.pricing import Usage
+from plugin.streams import StreamTally, as_mapping, response_text, response_usage
 
 log = logging.getLogger("meterline")
 
@@ -55,13 +56,9 @@ def _new_ledger_id() -> str:
     return f"mtr_{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
-def _as_dict(value: object) -> Mapping[str, object] | None:
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        return value
-    dump = getattr(value, "model_dump", None)
-    return dump() if callable(dump) else None
+def _hidden_params(value: object) -> dict:
+    """LiteLLM's `_hidden_params`: a dict on most objects, a pydantic HiddenParams on text completions."""
+    return dict(as_mapping(getattr(value, "_hidden_params", None)) or {})
 
 
 # ------------------------------------------------------------------------------ auth
@@ -136,11 +133,11 @@ class MeterlineLogger(CustomLogger):
         state = _state(data)
         if state is None or "credits_ucr" in state:
             return response
-        usage = usage_from_openai(_as_dict(getattr(response, "usage", None)))
+        usage = response_usage(response)
         source = "provider"
         if usage is None:
-            usage, source = _counted_usage(data, _text(response, "message")), "litellm"
-        hidden = getattr(response, "_hidden_params", None) or {}
+            usage, source = _counted_usage(data, response_text(response)), "litellm"
+        hidden = _hidden_params(response)
         await _settle(data, state, usage, source, hidden, stream=False)
         return response
 
@@ -152,20 +149,20 @@ class MeterlineLogger(CustomLogger):
             async for chunk in response:
                 yield chunk
             return
-        provider_usage: Mapping[str, object] | None = None
+        tally = StreamTally()
         # The stream wrapper knows what its chunks do not (cache_hit on a replayed stream).
-        wrapper_hidden = dict(getattr(response, "_hidden_params", None) or {})
+        wrapper_hidden = _hidden_params(response)
         hidden: dict = wrapper_hidden
         delivered: list[str] = []
-        held = None
+        held, held_text = None, ""
         try:
             async for chunk in response:
-                provider_usage = _chunk_usage(chunk) or provider_usage
-                hidden = {**(getattr(chunk, "_hidden_params", None) or {}), **wrapper_hidden}
+                text = tally.observe(chunk)
+                hidden = {**_hidden_params(chunk), **wrapper_hidden}
                 if held is not None:
                     yield held
-                    delivered.append(_chunk_text(held))
-                held = chunk
+                    delivered.append(held_text)
+                held, held_text = chunk, text
         except BaseException:
             # The client went away, or the provider failed, mid-stream: bill what was delivered
             # (policy "delivered"); a stream that delivered nothing was a failed attempt.
@@ -174,12 +171,11 @@ class MeterlineLogger(CustomLogger):
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
-        usage = usage_from_openai(provider_usage)
+        usage = tally.usage()
         source = "provider"
         if usage is None:
-            text = "".join(delivered) + (_chunk_text(held) if held is not None else "")
-            usage, source = _counted_usage(request_data, text), "litellm"
-        await _settle(request_data, state, usage, source, hidden, stream=True, chunks=len(delivered) + 1)
+            usage, source = _counted_usage(request_data, "".join(delivered) + held_text), "litellm"
+        await _settle(request_data, state, usage, source, hidden, stream=True, chunks=tally.chunks)
         if held is not None:
             yield held
 
@@ -253,32 +249,14 @@ def _counted_usage(data: Mapping, completion_text: str) -> Usage:
     """LiteLLM's own token count, for providers that send no usage. Never 0 when text flowed."""
     model = str(data.get("model") or "")
     messages = data.get("messages")
-    if messages is None and isinstance(data.get("input"), str):  # Responses API with a plain-text input
-        messages = [{"role": "user", "content": data["input"]}]
-    elif messages is None:
-        messages = data.get("input")
+    if messages is None:
+        # Responses API `input`, or a text completion's `prompt`: a string, a list of strings or of messages
+        raw = data.get("input", data.get("prompt"))
+        items = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+        messages = [item if isinstance(item, Mapping) else {"role": "user", "content": str(item)} for item in items]
     prompt = litellm.token_counter(model=model, messages=messages) if isinstance(messages, list) and messages else 0
     completion = litellm.token_counter(model=model, text=completion_text) if completion_text else 0
     return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
-
-
-def _chunk_usage(chunk) -> Mapping[str, object] | None:
-    """Usage on a chat chunk, or on the `response` of a Responses-API `response.completed` event."""
-    return _as_dict(getattr(chunk, "usage", None)) or _as_dict(getattr(getattr(chunk, "response", None), "usage", None))
-
-
-def _chunk_text(chunk) -> str:
-    """Text a stream chunk carries: a chat delta, or a Responses-API event's `delta` string."""
-    delta = getattr(chunk, "delta", None)
-    return delta if isinstance(delta, str) else _text(chunk, "delta")
-
-
-def _text(response_or_chunk, part: str) -> str:
-    """The text content of a response (`part="message"`) or of a stream chunk (`part="delta"`)."""
-    contents = (
-        getattr(getattr(choice, part, None), "content", None) for choice in getattr(response_or_chunk, "choices", None) or []
-    )
-    return "".join(content for content in contents if isinstance(content, str))
 
 
 _background_tasks: set[asyncio.Task] = set()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything imports litellm: no network
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

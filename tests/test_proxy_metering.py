@@ -340,3 +340,35 @@ def test_streamed_responses_api_is_billed_from_the_completed_event(metered):
     [row] = metered.ledger(tenant.customer_id)
     assert (row.prompt_tokens, row.completion_tokens, row.stream, row.usage_source) == (31, 5, True, "provider")
     assert row.credits_ucr == expected_ucr(31, 5)
+
+
+def test_text_completions_are_billed_streamed_or_not(metered):
+    tenant = metered.tenant(f"legacy-{unique()}")
+    result = tenant.client.completions.create(model="test-model", prompt="hello [[p=30 c=4]]")
+    assert result.choices[0].text == "w1 w2 w3 w4"
+    streamed = "".join(chunk.choices[0].text or "" for chunk in tenant.client.completions.create(
+        model="test-model", prompt="hello there [[c=6]]", stream=True) if chunk.choices)
+    assert streamed == "w1 w2 w3 w4 w5 w6"
+    plain, stream = metered.ledger(tenant.customer_id)
+    assert (plain.prompt_tokens, plain.completion_tokens, plain.credits_ucr) == (30, 4, expected_ucr(30, 4))
+    # LiteLLM asks no usage for text-completion streams: billed from LiteLLM's own count, never 0
+    assert stream.stream and stream.usage_source == "litellm"
+    assert stream.prompt_tokens > 0 and stream.completion_tokens >= 6
+    assert stream.credits_ucr == expected_ucr(stream.prompt_tokens, stream.completion_tokens)
+
+
+def test_anthropic_messages_route_is_billed_streamed_or_not(metered):
+    tenant = metered.tenant(f"messages-{unique()}")
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    body = {"model": "test-model", "max_tokens": 50, "messages": [{"role": "user", "content": "hi [[p=40 c=3]]"}]}
+    response = httpx.post(metered.proxy.base_url + "/v1/messages", headers=headers, json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["usage"]["input_tokens"] == 40
+    body["messages"][0]["content"] = "hi [[p=41 c=3]]"
+    with httpx.stream("POST", metered.proxy.base_url + "/v1/messages", headers=headers,
+                      json={**body, "stream": True}, timeout=30) as stream:
+        lines = list(stream.iter_lines())
+    assert any('"text_delta"' in line for line in lines) and any('"message_stop"' in line for line in lines)
+    plain, streamed = metered.ledger(tenant.customer_id)
+    assert (plain.prompt_tokens, plain.completion_tokens, plain.credits_ucr) == (40, 3, expected_ucr(40, 3))
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.stream) == (41, 3, True)
+    assert streamed.credits_ucr == expected_ucr(41, 3)

@@ -25,7 +25,7 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 ``cut=INT``    when streaming, drop the connection after this many words (a provider failing mid-stream)
 =============  ==============================================================
 
-``POST /v1/responses`` (the Responses API, streamed as typed events) takes the same directives.
+``POST /v1/completions`` (legacy text completions) and ``POST /v1/responses`` (the Responses API, streamed as typed events) takes the same directives.
 ``POST /v1/embeddings`` answers too, with ``prompt_tokens`` = the words of its inputs (or ``p``).
 
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
@@ -254,6 +254,42 @@ async def embeddings(request: Request) -> Response:
     })
 
 
+async def completions(request: Request) -> Response:
+    """Legacy text completions: the same directives as chat, `prompt` instead of messages."""
+    state: State = request.app.state.upstream
+    body = await request.json()
+    prompt = body.get("prompt")
+    texts = [prompt] if isinstance(prompt, str) else [str(item) for item in prompt or []]
+    directives = parse_directives(texts)
+    usage = decide_usage(body, directives, texts)
+    stream = bool(body.get("stream"))
+    want_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not directives.get("nousage")
+    state.log.append({
+        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
+        "status": 200, "stream": stream, "usage_sent": want_usage if stream else True,
+        "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+        "cached_tokens": 0, "reasoning_tokens": 0, "user": body.get("user"),
+    })
+    words = [f"w{i}" for i in range(1, usage["completion_tokens"] + 1)]
+    base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model")}
+    if not stream:
+        choice = {"index": 0, "text": " ".join(words), "logprobs": None, "finish_reason": "stop"}
+        return JSONResponse({**base, "choices": [choice], "usage": usage})
+
+    async def events() -> AsyncIterator[str]:
+        for index, word in enumerate(words):
+            choice = {"index": 0, "text": (" " if index else "") + word, "logprobs": None, "finish_reason": None}
+            yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+        stop = {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+        yield f"data: {json.dumps({**base, 'choices': [stop]})}\n\n"
+        if want_usage:
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def responses_usage(usage: dict[str, Any]) -> dict[str, Any]:
     """The chat usage object in the Responses API's shape (cached tokens inside input_tokens)."""
     return {
@@ -340,6 +376,8 @@ def make_app() -> Starlette:
         Route("/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/responses", responses, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/completions", completions, methods=["POST"]),
         Route("/responses", responses, methods=["POST"]),
         Route("/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
