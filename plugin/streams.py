@@ -87,7 +87,9 @@ def _payload_text(payload: object) -> str:
     elif isinstance(_get(delta, "text"), str):  # Anthropic text_delta
         parts.append(_get(delta, "text"))
     for choice in _get(payload, "choices") or []:
-        for text in (_get(_get(choice, "delta"), "content"), _get(choice, "text")):
+        choice_delta = _get(choice, "delta")
+        tool_arguments = [_get(_get(call, "function"), "arguments") for call in _get(choice_delta, "tool_calls") or []]
+        for text in (_get(choice_delta, "content"), _get(choice, "text"), *tool_arguments):
             if isinstance(text, str):
                 parts.append(text)
     return "".join(parts)

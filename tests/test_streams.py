@@ -73,3 +73,9 @@ def test_complete_responses_as_objects_or_dicts():
     assert response_usage(chat) == Usage(5, 2)
     assert response_text(chat) == "w1 w2"
     assert response_text({"choices": [{"text": "legacy"}]}) == "legacy"
+
+
+def test_tool_call_arguments_count_as_delivered_text():
+    tally = StreamTally()
+    chunk = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": '{"city": '}}]}}]}
+    assert tally.observe(chunk) == '{"city": '
