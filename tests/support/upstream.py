@@ -26,7 +26,7 @@ list-of-parts content), as one or more bracket groups: ``[[key=value key2=value2
 =============  ==============================================================
 
 ``POST /v1/completions`` (legacy text completions) and ``POST /v1/responses`` (the Responses API, streamed as typed events) takes the same directives.
-``POST /v1/embeddings`` answers too, with ``prompt_tokens`` = the words of its inputs (or ``p``).
+``POST /v1/embeddings`` answers too, with ``prompt_tokens`` decided as for chat.
 
 The answer is exactly ``c`` words, ``"w1 w2 ... wc"``. A model whose name starts
 with ``broken`` always answers 500. Control endpoints live under ``/_control``.
@@ -184,6 +184,24 @@ async def stream_events(
     yield "data: [DONE]\n\n"
 
 
+def log_request(state: State, body: dict[str, Any], directives: dict[str, Any], usage: dict[str, Any], *,
+                status: int = 200, stream: bool = False, usage_sent: bool = True) -> None:
+    """Record what this request was answered with (failed requests too: their usage is never sent)."""
+    state.log.append({
+        "tag": directives.get("tag"),
+        "id": directives.get("id"),
+        "model": str(body.get("model", "")),
+        "status": status,
+        "stream": stream,
+        "usage_sent": usage_sent,
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+        "reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"],
+        "user": body.get("user"),
+    })
+
+
 async def chat_completions(request: Request) -> Response:
     state: State = request.app.state.upstream
     body = await request.json()
@@ -201,19 +219,7 @@ async def chat_completions(request: Request) -> Response:
         await asyncio.sleep(directives["delay_ms"] / 1000)
     status = failure_status(state, model, directives)
     usage_sent = status is None and (want_usage if stream else True)
-    state.log.append({
-        "tag": directives.get("tag"),
-        "id": directives.get("id"),
-        "model": model,
-        "status": status or 200,
-        "stream": stream,
-        "usage_sent": usage_sent,
-        "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"],
-        "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-        "reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"],
-        "user": body.get("user"),
-    })
+    log_request(state, body, directives, usage, status=status or 200, stream=stream, usage_sent=usage_sent)
     if status is not None:
         return JSONResponse(error_body(status, f"upstream failure ({status})"), status_code=status)
 
@@ -231,26 +237,19 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
 
 
-# --------------------------------------------------------------------------- control
-
-
 async def embeddings(request: Request) -> Response:
-    """OpenAI embeddings: prompt_tokens = words across the inputs (or a ``[[p=..]]`` directive)."""
+    """OpenAI embeddings: prompt_tokens as for chat (``[[p=..]]``, else 10 + the words of the inputs)."""
     state: State = request.app.state.upstream
     body = await request.json()
     inputs = body.get("input")
     texts = [inputs] if isinstance(inputs, str) else [str(item) for item in inputs or []]
     directives = parse_directives(texts)
-    prompt = directives.get("p", count_words(texts))
-    state.log.append({
-        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
-        "status": 200, "stream": False, "usage_sent": True, "prompt_tokens": prompt, "completion_tokens": 0,
-        "cached_tokens": 0, "reasoning_tokens": 0, "user": body.get("user"),
-    })
+    usage = decide_usage({}, {**directives, "c": 0}, texts)
+    log_request(state, body, directives, usage)
     data = [{"object": "embedding", "index": index, "embedding": [0.0, 0.1, 0.2]} for index in range(len(texts))]
     return JSONResponse({
         "object": "list", "data": data, "model": body.get("model"),
-        "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        "usage": {"prompt_tokens": usage["prompt_tokens"], "total_tokens": usage["prompt_tokens"]},
     })
 
 
@@ -264,12 +263,7 @@ async def completions(request: Request) -> Response:
     usage = decide_usage(body, directives, texts)
     stream = bool(body.get("stream"))
     want_usage = bool((body.get("stream_options") or {}).get("include_usage")) and not directives.get("nousage")
-    state.log.append({
-        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
-        "status": 200, "stream": stream, "usage_sent": want_usage if stream else True,
-        "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-        "cached_tokens": 0, "reasoning_tokens": 0, "user": body.get("user"),
-    })
+    log_request(state, body, directives, usage, stream=stream, usage_sent=want_usage if stream else True)
     words = [f"w{i}" for i in range(1, usage["completion_tokens"] + 1)]
     base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.get("model")}
@@ -310,12 +304,7 @@ async def responses(request: Request) -> Response:
     directives = parse_directives(texts)
     usage = decide_usage({"max_tokens": body.get("max_output_tokens")}, directives, texts)
     stream = bool(body.get("stream"))
-    state.log.append({
-        "tag": directives.get("tag"), "id": directives.get("id"), "model": str(body.get("model", "")),
-        "status": 200, "stream": stream, "usage_sent": True, "prompt_tokens": usage["prompt_tokens"],
-        "completion_tokens": usage["completion_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
-        "reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"], "user": body.get("user"),
-    })
+    log_request(state, body, directives, usage, stream=stream)
     text = " ".join(f"w{i}" for i in range(1, usage["completion_tokens"] + 1))
     message = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}
@@ -341,6 +330,9 @@ async def responses(request: Request) -> Response:
             yield f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': number, **payload})}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# --------------------------------------------------------------------------- control
 
 
 async def control_log(request: Request) -> Response:
