@@ -94,9 +94,9 @@ class FinishedCall:
 
 
 def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
-    """Price a finished call. A cache hit costs nothing and records what it saved."""
+    """Price a finished call. A cache hit costs the cache-hit fee (0 by default) and records what it saved."""
     charge = book.charge(call.usage, call.model, call.deployment_model)
-    credits = 0 if call.cache_hit else charge.credits_ucr
+    credits = min(book.cache_hit_fee_ucr, charge.credits_ucr) if call.cache_hit else charge.credits_ucr
     entry = LedgerRow(
         id=call.ledger_id,
         customer_id=call.customer_id,
@@ -111,7 +111,7 @@ def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
         credits_ucr=credits,
         provider_cost_uusd=0 if call.cache_hit else charge.provider_cost_uusd,
         cache_hit=call.cache_hit,
-        saved_ucr=charge.credits_ucr if call.cache_hit else 0,
+        saved_ucr=charge.credits_ucr - credits if call.cache_hit else 0,
         stream=call.stream,
         usage_source=call.usage_source,
         created_at=call.finished_at,

@@ -218,6 +218,8 @@ class PriceBook:
 
     default_rule: CreditRule
     rules: Mapping[str, CreditRule] = field(default_factory=dict)
+    cache_hit_fee_ucr: int = 0
+    """What a cache hit costs (policy `cache_hits`): 0 when free, else a flat fee."""
     prices: Mapping[str, ProviderPrice] = field(default_factory=dict)
     model_cost: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     _converted: dict[str, ProviderPrice | None] = field(default_factory=dict, repr=False)

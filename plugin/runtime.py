@@ -20,7 +20,7 @@ from plugin.ledger.directory import Directory
 from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.plans import Period, calendar_month
-from plugin.pricing import PER_MILLION, CreditRule, PriceBook, ProviderPrice, Weights
+from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
 from plugin.settings import (
     DEFAULT_WEIGHTS, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
     load_config, load_settings,
@@ -66,8 +66,10 @@ def _provider_price(price: PriceConfig) -> ProviderPrice:
 def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[str, object]] | None = None) -> PriceBook:
     """meterline.yaml's rules and prices, with LiteLLM's model_cost as the fallback price table."""
     pricing = config.pricing
+    cache_hits = config.policies.cache_hits
     return PriceBook(
         default_rule=_rule(pricing),
+        cache_hit_fee_ucr=0 if cache_hits == "free" else round_half_up(cache_hits.flat_fee_credits * UCR_PER_CREDIT),
         rules={model: _rule(pricing, override) for model, override in pricing.models.items()},
         prices={model: _provider_price(price) for model, price in config.prices.items()},
         model_cost=model_cost or {},

@@ -123,8 +123,14 @@ class PlanConfig(_Strict):
     cap_credits: NonNegative | None = None
 
 
+class CacheHitFee(_Strict):
+    """A flat fee per cache hit, in credits (e.g. "0.01"), instead of free cache hits."""
+
+    flat_fee_credits: NonNegative
+
+
 class PoliciesConfig(_Strict):
-    cache_hits: Literal["free"] = "free"
+    cache_hits: Literal["free"] | CacheHitFee = "free"
     stream_disconnect: Literal["delivered"] = "delivered"
 
 

@@ -254,3 +254,16 @@ def test_a_long_stream_with_nothing_countable_raises_an_alert():
     assert record.entry.credits_ucr == 0
     assert "a stream of 40 chunks" in record.alert
     assert bill(call(usage=Usage(), stream=True, chunks=2), BOOK).alert is None  # e.g. an empty answer
+
+
+def test_cache_hit_flat_fee_is_billed_and_never_more_than_the_call_would_cost():
+    from dataclasses import replace
+
+    book = replace(BOOK, cache_hit_fee_ucr=10_000)
+    record = bill(call(cache_hit=True), book)
+    full = bill(call(), BOOK).entry.credits_ucr
+    assert record.entry.credits_ucr == 10_000
+    assert record.entry.saved_ucr == full - 10_000
+    assert record.entry.provider_cost_uusd == 0
+    tiny = bill(call(cache_hit=True, usage=Usage(prompt_tokens=1)), replace(BOOK, cache_hit_fee_ucr=10**12))
+    assert tiny.entry.saved_ucr == 0 and tiny.entry.credits_ucr == bill(call(usage=Usage(prompt_tokens=1)), BOOK).entry.credits_ucr

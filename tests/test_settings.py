@@ -209,3 +209,13 @@ def test_valid_customer_ids(value):
 def test_invalid_customer_ids(value):
     # "acme\n" fails today: the pattern ends in `$`, which also matches before a trailing newline.
     assert not valid_customer_id(value)
+
+
+def test_cache_hit_policy_is_free_by_default_or_a_flat_fee(tmp_path):
+    assert build_price_book(load_config(tmp_path / "absent.yaml")).cache_hit_fee_ucr == 0
+    path = tmp_path / "meterline.yaml"
+    path.write_text('policies:\n  cache_hits: {flat_fee_credits: "0.01"}\n')
+    assert build_price_book(load_config(path)).cache_hit_fee_ucr == 10_000
+    path.write_text('policies:\n  cache_hits: sometimes\n')
+    with pytest.raises(ConfigError, match="policies.cache_hits"):
+        load_config(path)
