@@ -152,13 +152,11 @@ class MeterlineLogger(CustomLogger):
         tally = StreamTally()
         # The stream wrapper knows what its chunks do not (cache_hit on a replayed stream).
         wrapper_hidden = _hidden_params(response)
-        hidden: dict = wrapper_hidden
         delivered: list[str] = []
         held, held_text = None, ""
         try:
             async for chunk in response:
                 text = tally.observe(chunk)
-                hidden = {**_hidden_params(chunk), **wrapper_hidden}
                 if held is not None:
                     yield held
                     delivered.append(held_text)
@@ -168,6 +166,7 @@ class MeterlineLogger(CustomLogger):
             # (policy "delivered"); a stream that delivered nothing was a failed attempt.
             if delivered:
                 usage = _counted_usage(request_data, "".join(delivered))
+                hidden = {**_hidden_params(held), **wrapper_hidden}
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
@@ -175,6 +174,8 @@ class MeterlineLogger(CustomLogger):
         source = "provider"
         if usage is None:
             usage, source = _counted_usage(request_data, "".join(delivered) + held_text), "litellm"
+        # Hidden params are read from the last chunk only, not copied on every chunk.
+        hidden = {**_hidden_params(held), **wrapper_hidden}
         await _settle(request_data, state, usage, source, hidden, stream=True, chunks=tally.chunks)
         if held is not None:
             yield held

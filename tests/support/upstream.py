@@ -237,12 +237,16 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
 
 
+def input_texts(value: object) -> list[str]:
+    """The texts of an `input` or `prompt` field: one string or a list of them."""
+    return [value] if isinstance(value, str) else [str(item) for item in value or []]
+
+
 async def embeddings(request: Request) -> Response:
     """OpenAI embeddings: prompt_tokens as for chat (``[[p=..]]``, else 10 + the words of the inputs)."""
     state: State = request.app.state.upstream
     body = await request.json()
-    inputs = body.get("input")
-    texts = [inputs] if isinstance(inputs, str) else [str(item) for item in inputs or []]
+    texts = input_texts(body.get("input"))
     directives = parse_directives(texts)
     usage = decide_usage({}, {**directives, "c": 0}, texts)
     log_request(state, body, directives, usage)
@@ -257,8 +261,7 @@ async def completions(request: Request) -> Response:
     """Legacy text completions: the same directives as chat, `prompt` instead of messages."""
     state: State = request.app.state.upstream
     body = await request.json()
-    prompt = body.get("prompt")
-    texts = [prompt] if isinstance(prompt, str) else [str(item) for item in prompt or []]
+    texts = input_texts(body.get("prompt"))
     directives = parse_directives(texts)
     usage = decide_usage(body, directives, texts)
     stream = bool(body.get("stream"))
