@@ -9,20 +9,24 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
+from plugin import metrics
 from plugin.ledger.directory import Directory
 from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
+from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.plans import Period, calendar_month
 from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
+from plugin.sinks.base import Sink
+from plugin.sinks.stripe import StripeConfig, StripeSink
 from plugin.settings import (
-    DEFAULT_WEIGHTS, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
+    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
     load_config, load_settings,
 )
 
@@ -63,6 +67,26 @@ def _provider_price(price: PriceConfig) -> ProviderPrice:
     )
 
 
+def build_sink(settings: Settings, config: MeterlineConfig) -> Sink | None:
+    """The sink METERLINE_SINK names, configured from the environment; ConfigError when incomplete."""
+    match settings.sink_name:
+        case "stripe":
+            if not settings.stripe_api_key:
+                raise ConfigError("METERLINE_SINK=stripe needs STRIPE_API_KEY")
+            return StripeSink(StripeConfig(
+                api_key=settings.stripe_api_key, event_name=config.stripe.meter_event_name,
+                api_base=settings.stripe_api_base, meter_events_base=settings.stripe_meter_events_base,
+                stream=settings.stripe_stream,
+            ))
+        case "openmeter":
+            if not settings.openmeter_url:
+                raise ConfigError("METERLINE_SINK=openmeter needs METERLINE_OPENMETER_URL")
+            from plugin.sinks.openmeter import OpenMeterSink  # only when chosen: it needs nothing of Stripe's
+
+            return OpenMeterSink(settings.openmeter_url, settings.openmeter_token)
+    return None
+
+
 def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[str, object]] | None = None) -> PriceBook:
     """meterline.yaml's rules and prices, with LiteLLM's model_cost as the fallback price table."""
     pricing = config.pricing
@@ -83,6 +107,7 @@ class Meterline:
     settings: Settings
     config: MeterlineConfig
     model_cost: Mapping[str, Mapping[str, object]] | None = None
+    _relay_thread: RelayThread | None = field(default=None, repr=False)
 
     @cached_property
     def engine(self) -> Engine:
@@ -100,12 +125,32 @@ class Meterline:
     def writer(self) -> LedgerWriter:
         return LedgerWriter(self.engine)
 
+    def sink(self) -> Sink | None:
+        """A new connection to the configured sink (METERLINE_SINK), or None for `none`."""
+        return build_sink(self.settings, self.config)
+
+    def relay(self, sink: Sink, worker: str | None = None) -> Relay:
+        settings = self.settings
+        options = RelayOptions(
+            batch=settings.relay_batch, concurrency=settings.relay_concurrency,
+            lease=timedelta(seconds=settings.relay_lease_seconds), poll_seconds=settings.relay_poll_seconds,
+            alert_age=timedelta(seconds=settings.outbox_alert_age_seconds),
+        )
+        return Relay(self.engine, sink, options=options, worker=worker, on_outcomes=metrics.count_outcomes)
+
     def start(self) -> None:
-        """Open the database and start the ledger writer now rather than on the first request."""
+        """Open the database and start the ledger writer (and the relay, when a sink is configured) now
+        rather than on the first request."""
         self.writer  # noqa: B018  (cached_property: the access is the point)
+        if self.settings.relay and self._relay_thread is None and (sink := self.sink()) is not None:
+            self._relay_thread = RelayThread(self.relay(sink))
+            self._relay_thread.start()
 
     def close(self) -> None:
-        """Drain the writer and release database connections (what was never opened is skipped)."""
+        """Stop the relay, drain the writer, release database connections (what never started is skipped)."""
+        if self._relay_thread is not None:
+            self._relay_thread.stop()
+            self._relay_thread = None
         if "writer" in self.__dict__:
             self.writer.close()
         if "engine" in self.__dict__:

@@ -117,10 +117,14 @@ class PriceConfig(_Strict):
 
 
 class PlanConfig(_Strict):
-    """A plan as the metering core needs it; limits and overage arrive with the plans issue."""
+    """A plan: what is included, what is capped, and what Stripe charges (`meterline stripe setup`)."""
 
     included_credits: NonNegative = Fraction(0)
     cap_credits: NonNegative | None = None
+    base_fee_usd: NonNegative | None = None
+    """Flat monthly fee; None = no base price at Stripe."""
+    overage_usd_per_credit: NonNegative | None = None
+    """Price of each credit past `included_credits`; None = no metered price at Stripe."""
 
 
 class CacheHitFee(_Strict):
@@ -134,6 +138,19 @@ class PoliciesConfig(_Strict):
     stream_disconnect: Literal["delivered"] = "delivered"
 
 
+class StripeBillingConfig(_Strict):
+    """What `meterline stripe setup` creates at Stripe, and the meter the relay reports to.
+
+    Meter values are micro-credits (µcr), so prices are per µcr at Stripe and billing stays exact.
+    """
+
+    meter_event_name: str = Field(default="meterline_credits", pattern=r"^[A-Za-z0-9_.:-]{1,100}$")
+    meter_display_name: str = "meterline credits"
+    product_name: str = "meterline credits"
+    currency: str = Field(default="usd", pattern=r"^[a-z]{3}$")
+    lookup_key_prefix: str = Field(default="meterline", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+
+
 class MeterlineConfig(_Strict):
     """The whole of meterline.yaml."""
 
@@ -141,6 +158,7 @@ class MeterlineConfig(_Strict):
     prices: dict[str, PriceConfig] = {}
     plans: dict[str, PlanConfig] = {"free": PlanConfig(cap_credits=Fraction(100)), "pro": PlanConfig()}
     policies: PoliciesConfig = PoliciesConfig()
+    stripe: StripeBillingConfig = StripeBillingConfig()
     allow_anonymous: bool = False
     anonymous_customer: str = "anonymous"
     # When LiteLLM runs with its own database and custom_auth_settings.mode=auto, keys that are
@@ -163,6 +181,34 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("LITELLM_MASTER_KEY", "METERLINE_MASTER_KEY")
     )
 
+    # --- delivery of meter events (plugin/outbox, plugin/sinks)
+    sink: Literal["stripe", "openmeter", "none"] | None = None
+    """None = `stripe` when STRIPE_API_KEY is set, else `none`."""
+    stripe_api_key: str | None = Field(default=None, validation_alias=AliasChoices("STRIPE_API_KEY"))
+    stripe_api_base: str | None = None
+    """A Stripe-compatible server instead of api.stripe.com (e.g. `meterline stripe-emulator`)."""
+    stripe_meter_events_base: str | None = None
+    """Base of the v2 meter event stream; defaults to METERLINE_STRIPE_API_BASE when that is set."""
+    stripe_stream: bool = False
+    """Send through the v2 meter event stream (batches of 100) instead of v1 meter events."""
+    stripe_webhook_secret: str | None = Field(default=None, validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET"))
+    openmeter_url: str | None = None
+    openmeter_token: str | None = None
+    relay: bool = True
+    """Run a relay inside the proxy (workers started with `meterline relay` run either way)."""
+    relay_batch: int = Field(default=500, ge=1, le=10_000)
+    relay_concurrency: int = Field(default=16, ge=1, le=256)
+    relay_lease_seconds: float = Field(default=60.0, ge=1, le=3600)
+    relay_poll_seconds: float = Field(default=1.0, gt=0, le=300)
+    outbox_alert_age_seconds: float = Field(default=900.0, gt=0)
+    """Alert when the oldest undelivered meter event is older than this."""
+
+    @property
+    def sink_name(self) -> str:
+        if self.sink is not None:
+            return self.sink
+        return "stripe" if self.stripe_api_key else "none"
+
 
 def load_settings() -> Settings:
     """Settings from the environment; a bad value is a ConfigError naming the variable."""
@@ -170,7 +216,8 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = "METERLINE_" + str(first["loc"][0]).upper() if first["loc"] else "METERLINE_*"
+        field = str(first["loc"][0]) if first["loc"] else "*"
+        name = field if field.isupper() else "METERLINE_" + field.upper()  # aliases are already full names
         raise ConfigError(f"environment: {name}: {first['msg']}") from None
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text, false
 from sqlmodel import Field, SQLModel
 
 
@@ -68,7 +68,9 @@ class LedgerEntry(SQLModel, table=True):
 class OutboxEvent(SQLModel, table=True):
     """A meter event waiting for delivery, written in the same transaction as its ledger row.
 
-    The id is the ledger id: it becomes the Stripe meter event identifier, so a resend is a no-op.
+    The id is the ledger id: it becomes the sink's event identifier (and Stripe's Idempotency-Key),
+    so a resend is a no-op. Life cycle (see plugin/outbox/retry.py):
+    pending -> sending (claimed under a lease) -> delivered | pending (retry) | held | dead | unknown.
     """
 
     __tablename__ = "outbox"
@@ -82,6 +84,13 @@ class OutboxEvent(SQLModel, table=True):
     attempts: int = 0
     next_attempt_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
     last_error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    first_attempt_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """When the first send was tried: the sink's dedupe window counts from here."""
+    uncertain: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    """A send may have reached the sink without us learning the answer (timeout, 5xx, crash mid-send)."""
+    claimed_by: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
 
 
 class Alert(SQLModel, table=True):

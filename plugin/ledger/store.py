@@ -11,7 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, inspect, select, text
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -44,7 +45,26 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     SQLModel.metadata.create_all(engine)
+    _add_missing_columns(engine)
     return engine
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Give tables created by an earlier meterline the columns added since (additive changes only).
+
+    create_all() makes missing tables but never alters existing ones; without this an upgrade
+    would fail on the first query. New columns are nullable or carry a server default.
+    """
+    inspector = inspect(engine)
+    for table in SQLModel.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column for column in table.columns if column.name not in present]
+        with engine.begin() as connection:
+            for column in missing:
+                definition = CreateColumn(column).compile(dialect=engine.dialect)
+                connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {definition}"))
 
 
 def as_utc(value: datetime) -> datetime:
@@ -220,6 +240,13 @@ def list_outbox_ids(engine: Engine, customer_id: str | None = None) -> list[str]
         if customer_id is not None:
             query = query.where(OutboxEvent.customer_id == customer_id)
         return list(session.exec(query).scalars())
+
+
+def add_alert(engine: Engine, kind: str, message: str, *, customer_id: str | None = None,
+              subject_id: str | None = None) -> None:
+    with engine.begin() as connection:
+        connection.execute(_ALERTS.insert(), {"kind": kind, "customer_id": customer_id, "subject_id": subject_id,
+                                              "message": message, "created_at": utcnow()})
 
 
 def list_alerts(engine: Engine, kind: str | None = None) -> list[Alert]:

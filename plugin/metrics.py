@@ -1,0 +1,66 @@
+"""Prometheus metrics, served at GET /meterline/v1/metrics.
+
+Queue depth and age are read from the outbox table at scrape time, so they are right whichever
+process (proxy or `meterline relay` worker) did the delivering. Relay outcomes are counted by the
+process that saw them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine
+
+from plugin.outbox import store as outbox_store
+from plugin.outbox.retry import Step
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+"""meterline's own registry: LiteLLM may register its metrics in the default one."""
+
+RELAY_EVENTS = Counter(
+    "meterline_relay_events", "Meter events the relay handled, by sink and resulting status.",
+    ["sink", "status"], registry=REGISTRY,
+)
+
+
+def count_outcomes(sink: str, steps: Sequence[Step]) -> None:
+    for step in steps:
+        RELAY_EVENTS.labels(sink, step.status.value).inc()
+
+
+class OutboxCollector(Collector):
+    """Outbox depth per status and the age of the oldest waiting event, queried per scrape."""
+
+    def __init__(self, engine: Callable[[], Engine], clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+        self._engine = engine
+        self._clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = outbox_store.stats(self._engine())
+        depth = GaugeMetricFamily("meterline_outbox_depth", "Undelivered meter events by status.", labels=["status"])
+        for status, count in sorted(stats.depth.items()):
+            depth.add_metric([status], count)
+        yield depth
+        yield GaugeMetricFamily(
+            "meterline_outbox_oldest_age_seconds", "Age of the oldest meter event not yet delivered (0 if none).",
+            value=stats.oldest_age_seconds(self._clock()),
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(())  # collected lazily: no database query at registration
+
+
+_collector: OutboxCollector | None = None
+
+
+def render(engine: Callable[[], Engine]) -> bytes:
+    """The exposition text; the outbox collector is registered on first use."""
+    global _collector
+    if _collector is None:
+        _collector = OutboxCollector(engine)
+        REGISTRY.register(_collector)
+    return generate_latest(REGISTRY)

@@ -1,0 +1,197 @@
+"""Outbox queries: claim due events under a lease, record what happened, list and re-queue.
+
+Rows are written by the ledger (plugin/ledger/store.py: write_records), in the ledger's own
+transaction. Everything after that is here, one named function per statement.
+
+Claiming is one UPDATE .. WHERE id IN (SELECT .. FOR UPDATE SKIP LOCKED) RETURNING: on Postgres
+several workers claim disjoint rows without waiting on each other; SQLite ignores the locking
+clause and serialises writers itself, so the same statement is atomic there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, and_, bindparam, exists, func, or_, select, text, update
+from sqlalchemy.orm import aliased
+from sqlmodel import Session
+
+from plugin.ledger.models import Customer, OutboxEvent
+from plugin.ledger.store import as_utc
+from plugin.outbox.retry import WAITING, Status, Step
+
+_OUTBOX = OutboxEvent.__table__
+_CUSTOMERS = Customer.__table__
+_ERROR_LIMIT = 500
+_CLAIM_LOCK = 0x6D74726C  # "mtrl": one Postgres advisory lock id for per-customer claims
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An event this worker now holds under its lease."""
+
+    id: str
+    customer_id: str
+    value_ucr: int
+    occurred_at: datetime
+    attempts: int
+    """Including the attempt about to be made."""
+    first_attempt_at: datetime
+    uncertain: bool
+
+
+def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: timedelta,
+          one_customer_per_worker: bool = False) -> list[Claimed]:
+    """Take up to `limit` due events: pending or held ones whose time has come, and ones whose
+    worker's lease ran out (that worker died mid-send, so the event is now `uncertain`).
+
+    `one_customer_per_worker` skips customers another worker is sending right now, for sinks that
+    forbid concurrent calls per customer (Stripe v1). On Postgres the claim then takes a
+    transaction advisory lock, so two claims cannot both see a customer as free.
+    """
+    due = or_(
+        and_(_OUTBOX.c.status.in_([Status.PENDING, Status.HELD]), _OUTBOX.c.next_attempt_at <= now),
+        and_(_OUTBOX.c.status == Status.SENDING, _OUTBOX.c.lease_until < now),
+    )
+    candidates = select(_OUTBOX.c.id).where(due)
+    if one_customer_per_worker:
+        other = aliased(_OUTBOX)
+        candidates = candidates.where(~exists().where(
+            other.c.customer_id == _OUTBOX.c.customer_id, other.c.status == Status.SENDING,
+            other.c.lease_until >= now, other.c.claimed_by != worker,
+        ))
+    candidates = candidates.order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id).limit(limit).with_for_update(skip_locked=True)
+    statement = (
+        update(_OUTBOX)
+        .where(_OUTBOX.c.id.in_(candidates.scalar_subquery()))
+        .values(
+            status=Status.SENDING, claimed_by=worker, lease_until=now + lease, attempts=_OUTBOX.c.attempts + 1,
+            first_attempt_at=func.coalesce(_OUTBOX.c.first_attempt_at, now),
+            uncertain=or_(_OUTBOX.c.uncertain, _OUTBOX.c.status == Status.SENDING),
+        )
+        .returning(_OUTBOX.c.id, _OUTBOX.c.customer_id, _OUTBOX.c.value_ucr, _OUTBOX.c.occurred_at,
+                   _OUTBOX.c.attempts, _OUTBOX.c.first_attempt_at, _OUTBOX.c.uncertain)
+    )
+    with engine.begin() as connection:
+        if one_customer_per_worker and engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _CLAIM_LOCK})
+        rows = connection.execute(statement).all()
+    claimed = [
+        Claimed(row.id, row.customer_id, row.value_ucr, as_utc(row.occurred_at), row.attempts,
+                as_utc(row.first_attempt_at), bool(row.uncertain))
+        for row in rows
+    ]
+    claimed.sort(key=lambda event: (event.occurred_at, event.id))
+    return claimed
+
+
+def stripe_customer_ids(engine: Engine, customer_ids: Iterable[str]) -> dict[str, str | None]:
+    """Each customer's Stripe id (None when it has none yet)."""
+    wanted = sorted(set(customer_ids))
+    if not wanted:
+        return {}
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(_CUSTOMERS.c.id, _CUSTOMERS.c.stripe_customer_id).where(_CUSTOMERS.c.id.in_(wanted))
+        ).all()
+    found = dict(rows)
+    return {customer_id: found.get(customer_id) for customer_id in wanted}
+
+
+_RECORD = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("event_id"), _OUTBOX.c.claimed_by == bindparam("worker"),
+           _OUTBOX.c.status == Status.SENDING)
+    .values(status=bindparam("new_status"), next_attempt_at=bindparam("retry_at"), last_error=bindparam("error"),
+            uncertain=bindparam("new_uncertain"), lease_until=None, delivered_at=bindparam("done_at"))
+)
+
+
+def record(engine: Engine, worker: str, steps: Sequence[tuple[Claimed, Step]], now: datetime) -> None:
+    """Store each event's next step, in one transaction.
+
+    Only rows this worker still holds are touched: if its lease ran out and another worker took an
+    event over, that worker's answer wins (a delivery is a delivery either way, and Stripe dedupes).
+    """
+    if not steps:
+        return
+    parameters = [
+        {"event_id": event.id, "worker": worker, "new_status": step.status,
+         "retry_at": step.next_attempt_at or now, "error": (step.reason or None) and step.reason[:_ERROR_LIMIT],
+         "new_uncertain": step.uncertain, "done_at": now if step.status == Status.DELIVERED else None}
+        for event, step in steps
+    ]
+    with engine.begin() as connection:
+        connection.execute(_RECORD, parameters)
+
+
+def list_events(engine: Engine, *, status: str | None = None, customer_id: str | None = None,
+                limit: int = 100) -> list[OutboxEvent]:
+    """Events, oldest first; `status` None lists every event that has not been delivered."""
+    query = select(OutboxEvent).order_by(OutboxEvent.occurred_at, OutboxEvent.id).limit(limit)
+    query = query.where(OutboxEvent.status == status) if status else query.where(OutboxEvent.status != Status.DELIVERED)
+    if customer_id is not None:
+        query = query.where(OutboxEvent.customer_id == customer_id)
+    with Session(engine) as session:
+        return list(session.exec(query).scalars())
+
+
+REQUEUABLE = (Status.DEAD, Status.HELD)
+"""What `outbox retry` takes back. UNKNOWN only with force: resending it may bill twice."""
+
+
+def requeue(engine: Engine, *, now: datetime, ids: Sequence[str] = (), all_dead: bool = False,
+            force: bool = False) -> int:
+    """Make events due now again; returns how many were re-queued.
+
+    Attempts and first_attempt_at are reset: a re-queued event is a fresh delivery, and a forced
+    `unknown` one is the operator's explicit decision to send again.
+    """
+    statuses = [*REQUEUABLE, Status.UNKNOWN] if force else list(REQUEUABLE)
+    condition = _OUTBOX.c.status == Status.DEAD if all_dead else and_(
+        _OUTBOX.c.id.in_(list(ids)), _OUTBOX.c.status.in_(statuses)
+    )
+    statement = update(_OUTBOX).where(condition).values(
+        status=Status.PENDING, next_attempt_at=now, attempts=0, first_attempt_at=None, uncertain=False,
+        claimed_by=None, lease_until=None,
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount
+
+
+def release_held(engine: Engine, customer_id: str, now: datetime) -> int:
+    """A customer just got its sink id: its held events are due now."""
+    statement = update(_OUTBOX).where(_OUTBOX.c.customer_id == customer_id, _OUTBOX.c.status == Status.HELD).values(
+        status=Status.PENDING, next_attempt_at=now,
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Queue health: depth per status (delivered excluded: it only grows) and the oldest waiting event."""
+
+    depth: dict[str, int]
+    oldest_waiting_at: datetime | None
+
+    def oldest_age_seconds(self, now: datetime) -> float:
+        return 0.0 if self.oldest_waiting_at is None else max(0.0, (now - self.oldest_waiting_at).total_seconds())
+
+
+def stats(engine: Engine) -> QueueStats:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(_OUTBOX.c.status, func.count(), func.min(_OUTBOX.c.occurred_at))
+            .where(_OUTBOX.c.status != Status.DELIVERED).group_by(_OUTBOX.c.status)
+        ).all()
+    depth = {status.value: 0 for status in Status if status != Status.DELIVERED}
+    oldest = None
+    for status, count, first in rows:
+        depth[status] = int(count)
+        if status in WAITING and first is not None:
+            first = as_utc(first)
+            oldest = first if oldest is None else min(oldest, first)
+    return QueueStats(depth, oldest)

@@ -1,0 +1,177 @@
+"""Stripe Billing Meters through the unmodified `stripe` SDK (`StripeClient`).
+
+Two transports:
+- v1 `POST /v1/billing/meter_events`, one event per call, validated synchronously. The ledger id
+  is both the event `identifier` and the `Idempotency-Key`. Stripe allows one concurrent call per
+  customer per meter, so the relay sends a customer's events one at a time (`serial_per_customer`).
+- v2 meter event stream (`METERLINE_STRIPE_STREAM=1`): a session token, then batches of up to 100
+  events per call, validated asynchronously (errors come back later as
+  `billing.meter.error_report_triggered` webhooks). For high volume.
+
+Either way Stripe dedupes identifiers for at least 24 hours (`dedupe_window`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import stripe
+
+from plugin.sinks.base import DELIVERED, DUPLICATE, MeterEvent, Outcome, OutcomeKind
+
+PAST_WINDOW = timedelta(days=35)
+FUTURE_WINDOW = timedelta(minutes=5)
+STREAM_BATCH = 100
+_SESSION_MARGIN = timedelta(seconds=60)
+# httpx errors raised before a single byte of the request went out: resending is certainly safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def outside_window(occurred_at: datetime, now: datetime) -> str | None:
+    """Why Stripe would refuse this timestamp (35 days past, 5 minutes future), or None."""
+    if occurred_at < now - PAST_WINDOW:
+        return f"timestamp {occurred_at.isoformat()} is more than 35 days old: outside Stripe's meter event window"
+    if occurred_at > now + FUTURE_WINDOW:
+        return f"timestamp {occurred_at.isoformat()} is more than 5 minutes in the future: outside Stripe's window"
+    return None
+
+
+def _one_line(message: str | None, limit: int = 300) -> str:
+    return " ".join((message or "").split())[:limit]
+
+
+def classify_error(error: stripe.StripeError) -> Outcome:
+    """A Stripe SDK exception as a delivery outcome (pure: looks only at the exception)."""
+    status = error.http_status
+    code = getattr(error, "code", None)
+    reason = f"stripe {status or 'network'}: {code + ': ' if code else ''}{_one_line(error.user_message or str(error))}"
+    if isinstance(error, stripe.APIConnectionError):
+        return Outcome(OutcomeKind.RETRY, reason, uncertain=not isinstance(error.__cause__, _NOT_SENT))
+    if code == "resource_already_exists":
+        return Outcome(OutcomeKind.DUPLICATE, reason)
+    if status == 429 or isinstance(error, stripe.RateLimitError):
+        retry_after = (error.headers or {}).get("Retry-After")
+        return Outcome(OutcomeKind.RETRY, reason, retry_after=float(retry_after) if retry_after else None)
+    if status == 409 or status is None or status >= 500:
+        # 409: a concurrent request with the same idempotency key is still running: it may land.
+        return Outcome(OutcomeKind.RETRY, reason, uncertain=True)
+    return Outcome(OutcomeKind.REJECTED, reason)
+
+
+@dataclass(frozen=True)
+class StripeConfig:
+    api_key: str
+    event_name: str = "meterline_credits"
+    api_base: str | None = None
+    meter_events_base: str | None = None
+    stream: bool = False
+    timeout_seconds: float = 10.0
+
+    def client(self, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
+        """A StripeClient pointed at the configured addresses, with the SDK's own retries off: the relay
+        owns retrying (one policy, in plugin/outbox/retry.py)."""
+        addresses = {}
+        if self.api_base:
+            addresses["api"] = self.api_base
+        if self.meter_events_base or self.api_base:
+            addresses["meter_events"] = self.meter_events_base or self.api_base
+        return stripe.StripeClient(
+            self.api_key, base_addresses=addresses, max_network_retries=0, http_client=http_client,
+        )
+
+
+class StripeSink:
+    """Meter events to Stripe; see the module docstring for the two transports."""
+
+    name = "stripe"
+    dedupe_window = timedelta(hours=24)
+
+    def __init__(self, config: StripeConfig, *, client: stripe.StripeClient | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.config = config
+        self._http = None if client else stripe.HTTPXClient(timeout=config.timeout_seconds)
+        self.client = client or config.client(self._http)
+        self.clock = clock
+        self.max_batch = STREAM_BATCH if config.stream else 1
+        self.serial_per_customer = not config.stream
+        self._session_token: str | None = None
+        self._session_expires_at = datetime.min.replace(tzinfo=UTC)
+
+    async def send(self, events: Sequence[MeterEvent]) -> list[Outcome]:
+        now = self.clock()
+        outcomes: list[Outcome | None] = [self._refusal(event, now) for event in events]
+        ready = [index for index, outcome in enumerate(outcomes) if outcome is None]
+        if self.config.stream:
+            sent = await self._send_stream([events[index] for index in ready]) if ready else []
+        else:
+            sent = [await self._send_v1(events[index]) for index in ready]
+        for index, outcome in zip(ready, sent, strict=True):
+            outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]  (every slot is filled above)
+
+    def _refusal(self, event: MeterEvent, now: datetime) -> Outcome | None:
+        """What is decided without calling Stripe: no Stripe customer yet, or a timestamp Stripe would refuse."""
+        if not event.stripe_customer_id:
+            return Outcome(OutcomeKind.NO_CUSTOMER,
+                           f"customer {event.customer_id!r} has no Stripe customer id "
+                           f"(meterline customers set-stripe {event.customer_id} cus_...)")
+        reason = outside_window(event.occurred_at, now)
+        return Outcome(OutcomeKind.REJECTED, reason) if reason else None
+
+    def _payload(self, event: MeterEvent) -> dict[str, str]:
+        return {"stripe_customer_id": event.stripe_customer_id or "", "value": str(event.value_ucr)}
+
+    async def _send_v1(self, event: MeterEvent) -> Outcome:
+        params = {
+            "event_name": self.config.event_name, "identifier": event.identifier,
+            "timestamp": int(event.occurred_at.timestamp()), "payload": self._payload(event),
+        }
+        try:
+            await self.client.v1.billing.meter_events.create_async(params, {"idempotency_key": event.identifier})
+        except stripe.StripeError as error:
+            return classify_error(error)
+        return DELIVERED
+
+    async def _session(self, *, renew: bool = False) -> str:
+        if renew or self._session_token is None or self.clock() >= self._session_expires_at - _SESSION_MARGIN:
+            session = await self.client.v2.billing.meter_event_session.create_async()
+            self._session_token = session.authentication_token
+            self._session_expires_at = _as_datetime(session.expires_at)
+        return self._session_token
+
+    async def _send_stream(self, events: Sequence[MeterEvent]) -> list[Outcome]:
+        body = {"events": [
+            {"event_name": self.config.event_name, "identifier": event.identifier,
+             "timestamp": event.occurred_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+             "payload": self._payload(event)}
+            for event in events
+        ]}
+        try:
+            for renew in (False, True):
+                token = await self._session(renew=renew)
+                try:
+                    await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
+                    break
+                except stripe.AuthenticationError:
+                    if renew:
+                        raise  # a fresh session refused too: a real auth problem
+        except stripe.StripeError as error:
+            return [classify_error(error)] * len(events)
+        return [DELIVERED] * len(events)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close_async()
+
+
+def _as_datetime(value: object) -> datetime:
+    """v2 timestamps arrive as RFC 3339 strings (or datetimes, depending on the SDK's parsing)."""
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+__all__ = ["DUPLICATE", "StripeConfig", "StripeSink", "classify_error", "outside_window"]
