@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
+import re
+import signal
 import sys
 from datetime import UTC, datetime
 from typing import TextIO
 
+import stripe
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin import runtime
 from plugin.ledger import store
 from plugin.ledger.models import LedgerEntry
+from plugin.outbox import store as outbox_store
+from plugin.outbox.retry import Status
 from plugin.reports import UnknownCustomer, usage_report
 from plugin.settings import ConfigError, valid_customer_id
+from plugin.sinks.stripe import StripeConfig
+from plugin.stripe_setup import StripeSetup
 
 EXPORT_COLUMNS = (
     "id", "customer_id", "member", "action", "model", "provider", "prompt_tokens", "completion_tokens",
@@ -40,6 +48,18 @@ def _customer_id(value: str) -> str:
     return value
 
 
+def _stripe_customer_id(value: str) -> str:
+    if not re.fullmatch(r"cus_[A-Za-z0-9]{1,250}", value):
+        raise argparse.ArgumentTypeError(f"invalid Stripe customer id {value!r} (expected cus_...)")
+    return value
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
 # ------------------------------------------------------------------------------ commands
 
 
@@ -62,6 +82,14 @@ def cmd_customers_list(args, out: TextIO) -> None:
         return
     for customer in customers:
         print(f"{customer.id}\t{customer.plan}\t{customer.stripe_customer_id or '-'}", file=out)
+
+
+def cmd_customers_set_stripe(args, out: TextIO) -> None:
+    engine = runtime.current().engine
+    store.set_stripe_customer(engine, args.customer_id, args.stripe_customer)
+    released = outbox_store.release_held(engine, args.customer_id, datetime.now(UTC))
+    print(f"customer {args.customer_id} is {args.stripe_customer} at Stripe; "
+          f"{released} held meter event(s) queued for delivery", file=out)
 
 
 def cmd_keys_create(args, out: TextIO) -> None:
@@ -122,6 +150,125 @@ def cmd_ledger_export(args, out: TextIO) -> None:
         writer.writerow(row)
 
 
+def _sink(meterline: runtime.Meterline):
+    sink = meterline.sink()
+    if sink is None:
+        raise BadInput("no sink configured: set STRIPE_API_KEY (and METERLINE_STRIPE_API_BASE for a local server) "
+                       "or METERLINE_SINK=openmeter with METERLINE_OPENMETER_URL")
+    return sink
+
+
+def cmd_relay(args, out: TextIO) -> None:
+    """Deliver outbox events: drain what is due and exit (--once), or keep running until SIGINT/SIGTERM."""
+    meterline = runtime.current()
+    relay = meterline.relay(_sink(meterline))
+
+    async def once():
+        try:
+            return await relay.drain()
+        finally:
+            await relay.sink.aclose()
+
+    async def forever():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"relay {relay.worker} delivering to {relay.sink.name}; Ctrl-C to stop", file=sys.stderr)
+        try:
+            await relay.run(stop)
+        finally:
+            await relay.sink.aclose()
+
+    if args.once:
+        report = asyncio.run(once())
+        print(f"relay {relay.worker}: {report.summary()}", file=out)
+    else:
+        asyncio.run(forever())
+
+
+def _event_json(event) -> dict:
+    def when(value):
+        return None if value is None else store.as_utc(value).isoformat()
+
+    return {
+        "id": event.id, "customer_id": event.customer_id, "value_ucr": event.value_ucr, "status": event.status,
+        "attempts": event.attempts, "occurred_at": when(event.occurred_at),
+        "next_attempt_at": when(event.next_attempt_at), "first_attempt_at": when(event.first_attempt_at),
+        "uncertain": bool(event.uncertain), "last_error": event.last_error,
+    }
+
+
+def cmd_outbox_list(args, out: TextIO) -> None:
+    engine = runtime.current().engine
+    events = outbox_store.list_events(engine, status=args.status, customer_id=args.customer, limit=args.limit)
+    if args.json:
+        for event in events:
+            print(json.dumps(_event_json(event)), file=out)
+        return
+    stats = outbox_store.stats(engine)
+    depth = ", ".join(f"{count} {status}" for status, count in stats.depth.items() if count) or "empty"
+    print(f"outbox: {depth}; oldest waiting {stats.oldest_age_seconds(datetime.now(UTC)):.0f} s", file=out)
+    for event in events:
+        print(f"{event.id}\t{event.customer_id}\t{event.value_ucr}\t{event.status}\t{event.attempts}\t"
+              f"{event.last_error or '-'}", file=out)
+
+
+def cmd_outbox_retry(args, out: TextIO) -> None:
+    if bool(args.ids) == args.all_dead:
+        raise BadInput("meterline outbox retry: give event ids or --all-dead (not both)")
+    count = outbox_store.requeue(runtime.current().engine, now=datetime.now(UTC), ids=args.ids,
+                                 all_dead=args.all_dead, force=args.force)
+    if args.ids and count < len(args.ids):
+        print(f"{len(args.ids) - count} event(s) were not dead or held (unknown ones need --force: resending "
+              "them may bill twice)", file=sys.stderr)
+    print(f"{count} event(s) queued for delivery", file=out)
+
+
+def _stripe_setup(meterline: runtime.Meterline, out: TextIO) -> StripeSetup:
+    settings = meterline.settings
+    if not settings.stripe_api_key:
+        raise BadInput("STRIPE_API_KEY is not set (METERLINE_STRIPE_API_BASE points it at a local server)")
+    config = StripeConfig(api_key=settings.stripe_api_key, api_base=settings.stripe_api_base,
+                          meter_events_base=settings.stripe_meter_events_base)
+    return StripeSetup(config.client(), meterline.config, report=lambda change: print(change.line(), file=out))
+
+
+def cmd_stripe_setup(args, out: TextIO) -> None:
+    changes = _stripe_setup(runtime.current(), out).run()
+    made = [change for change in changes if change.action != "exists"]
+    print(f"{len(made)} object(s) created or replaced" if made else "nothing changed: Stripe already matches "
+          "meterline.yaml", file=out)
+
+
+def cmd_stripe_subscribe(args, out: TextIO) -> None:
+    meterline = runtime.current()
+    customer = store.get_customer(meterline.engine, args.customer_id)
+    if customer is None:
+        raise BadInput(f"unknown customer {args.customer_id!r}")
+    setup = _stripe_setup(meterline, out)
+    stripe_id = customer.stripe_customer_id
+    if stripe_id is None:
+        created = setup.client.v1.customers.create({"name": customer.id, "metadata": {"meterline_customer_id": customer.id}})
+        stripe_id = created.id
+        store.set_stripe_customer(meterline.engine, customer.id, stripe_id)
+        outbox_store.release_held(meterline.engine, customer.id, datetime.now(UTC))
+        print(f"customer {customer.id} created at Stripe as {stripe_id}", file=out)
+    subscription, action = setup.subscribe(customer.plan, stripe_id)
+    print(f"subscription {subscription} {'created' if action == 'created' else 'already in place'} for "
+          f"{customer.id} on plan {customer.plan}", file=out)
+
+
+def cmd_stripe_emulator(args, out: TextIO) -> None:
+    from plugin.stripe_emulator.server import main as serve
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    if args.webhook_url:
+        argv += ["--webhook-url", args.webhook_url]
+    if serve(argv) != 0:
+        raise BadInput("meterline stripe-emulator: could not start (is the port free?)")
+
+
 def cmd_tui(args, out: TextIO) -> None:
     from tui.app import make_app
 
@@ -168,8 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = customers.add_parser("add", help="add a customer")
     add.add_argument("customer_id", type=_customer_id)
     add.add_argument("--plan", required=True)
-    add.add_argument("--stripe-customer", default=None)
+    add.add_argument("--stripe-customer", type=_stripe_customer_id, default=None)
     add.set_defaults(run=cmd_customers_add)
+    set_stripe = customers.add_parser("set-stripe", help="record a customer's Stripe customer id")
+    set_stripe.add_argument("customer_id", type=_customer_id)
+    set_stripe.add_argument("stripe_customer", type=_stripe_customer_id)
+    set_stripe.set_defaults(run=cmd_customers_set_stripe)
     listing = customers.add_parser("list", help="list customers")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=cmd_customers_list)
@@ -196,6 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     export.set_defaults(run=cmd_ledger_export)
 
+    relay = commands.add_parser("relay", help="deliver meter events to the sink (Stripe, OpenMeter)")
+    relay.add_argument("--once", action="store_true", help="drain what is due now, then exit")
+    relay.set_defaults(run=cmd_relay)
+
+    outbox = commands.add_parser("outbox", help="meter events waiting for delivery").add_subparsers(
+        dest="action", required=True)
+    outbox_list = outbox.add_parser("list", help="undelivered events (or one status)")
+    outbox_list.add_argument("--status", choices=[status.value for status in Status], default=None)
+    outbox_list.add_argument("--customer", type=_customer_id, default=None)
+    outbox_list.add_argument("--limit", type=_positive_int, default=100)
+    outbox_list.add_argument("--json", action="store_true")
+    outbox_list.set_defaults(run=cmd_outbox_list)
+    retry = outbox.add_parser("retry", help="re-queue dead (or held) events")
+    retry.add_argument("ids", nargs="*", metavar="ID")
+    retry.add_argument("--all-dead", action="store_true")
+    retry.add_argument("--force", action="store_true", help="also re-queue `unknown` events (may bill twice)")
+    retry.set_defaults(run=cmd_outbox_retry)
+
+    stripe_commands = commands.add_parser("stripe", help="the Stripe catalog").add_subparsers(
+        dest="action", required=True)
+    setup = stripe_commands.add_parser("setup", help="create (or find) the meter, product and prices")
+    setup.set_defaults(run=cmd_stripe_setup)
+    subscribe = stripe_commands.add_parser("subscribe", help="subscribe a customer to its plan's prices")
+    subscribe.add_argument("customer_id", type=_customer_id)
+    subscribe.set_defaults(run=cmd_stripe_subscribe)
+
+    emulator = commands.add_parser("stripe-emulator", help="a local Stripe-compatible server (demo and tests)")
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=_positive_int, default=12111)
+    emulator.add_argument("--webhook-url", default=None, help="deliver signed webhooks here "
+                          "(secret: STRIPE_WEBHOOK_SECRET)")
+    emulator.set_defaults(run=cmd_stripe_emulator)
+
     tui = commands.add_parser("tui", help="the operator console")
     tui.set_defaults(run=cmd_tui)
 
@@ -217,6 +401,10 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     except (BadInput, ConfigError, store.StoreError) as problem:
         print(str(problem).splitlines()[0], file=sys.stderr)
         return 2
+    except stripe.StripeError as problem:  # Stripe masks keys in its messages; keep one line
+        print(f"meterline: Stripe refused: {' '.join(str(problem.user_message or problem).split())[:300]}",
+              file=sys.stderr)
+        return 1
     except SQLAlchemyError as problem:  # the message may carry connection details: name the class only
         print(f"meterline: database error ({problem.__class__.__name__}); check METERLINE_DATABASE_URL "
               "and that the database is running", file=sys.stderr)

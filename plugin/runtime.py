@@ -21,6 +21,7 @@ from plugin.ledger.directory import Directory
 from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
+from plugin.outbox.retry import RetryPolicy
 from plugin.plans import Period, calendar_month
 from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
 from plugin.sinks.base import Sink
@@ -135,6 +136,8 @@ class Meterline:
             batch=settings.relay_batch, concurrency=settings.relay_concurrency,
             lease=timedelta(seconds=settings.relay_lease_seconds), poll_seconds=settings.relay_poll_seconds,
             alert_age=timedelta(seconds=settings.outbox_alert_age_seconds),
+            policy=RetryPolicy(base_seconds=settings.relay_retry_base_seconds,
+                               cap_seconds=settings.relay_retry_cap_seconds),
         )
         return Relay(self.engine, sink, options=options, worker=worker, on_outcomes=metrics.count_outcomes)
 

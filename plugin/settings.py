@@ -200,6 +200,9 @@ class Settings(BaseSettings):
     relay_concurrency: int = Field(default=16, ge=1, le=256)
     relay_lease_seconds: float = Field(default=60.0, ge=1, le=3600)
     relay_poll_seconds: float = Field(default=1.0, gt=0, le=300)
+    relay_retry_base_seconds: float = Field(default=1.0, gt=0, le=3600)
+    """First retry delay; doubles per attempt (with jitter) up to relay_retry_cap_seconds."""
+    relay_retry_cap_seconds: float = Field(default=300.0, gt=0, le=86_400)
     outbox_alert_age_seconds: float = Field(default=900.0, gt=0)
     """Alert when the oldest undelivered meter event is older than this."""
 

@@ -87,6 +87,15 @@ def test_per_customer_claims_skip_customers_another_worker_is_sending(engine):
                                               one_customer_per_worker=True)] == ["a2"]
 
 
+def test_per_customer_claims_take_at_most_max_customers_so_workers_share_them(engine):
+    for customer in ("acme", "globex"):
+        put(engine, *[f"{customer}-{n}" for n in range(3)], customer=customer)
+    mine = store.claim(engine, "w1", limit=100, now=T0, lease=LEASE, one_customer_per_worker=True, max_customers=1)
+    assert {event.customer_id for event in mine} == {"acme"} and len(mine) == 3
+    theirs = store.claim(engine, "w2", limit=100, now=T0, lease=LEASE, one_customer_per_worker=True, max_customers=1)
+    assert {event.customer_id for event in theirs} == {"globex"} and len(theirs) == 3
+
+
 def test_requeue_dead_and_held_but_unknown_only_when_forced(engine):
     put(engine, "dead1", "dead2", "unknown", "held")
     claimed = {event.id: event for event in store.claim(engine, "w", limit=10, now=T0, lease=LEASE)}
@@ -101,7 +110,7 @@ def test_requeue_dead_and_held_but_unknown_only_when_forced(engine):
     assert store.requeue(engine, now=T0, ids=["held"]) == 1
     assert set(statuses(engine).values()) == {Status.PENDING}
     [again] = store.claim(engine, "w", limit=1, now=T0, lease=LEASE)
-    assert (again.attempts, again.uncertain) == (1, False)
+    assert (again.attempts, again.uncertain, again.requeues) == (1, False, 1)
 
 
 def test_release_held_makes_a_customers_held_events_due(engine):

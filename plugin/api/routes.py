@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
-from plugin import __version__, runtime
+from plugin import __version__, metrics, runtime
+from plugin.ledger.store import as_utc
+from plugin.outbox import store as outbox_store
+from plugin.outbox.retry import Status
 
 PREFIX = "/meterline/v1"
 
 router = APIRouter(prefix=PREFIX, tags=["meterline"])
+
+
+def _error(status: int, reason: str, message: str) -> JSONResponse:
+    """OpenAI-shaped, like every other error the proxy gives (DESIGN "Contract: errors")."""
+    return JSONResponse(
+        {"error": {"message": message, "type": reason, "param": None, "code": str(status)}},
+        status_code=status, headers={"x-meterline-error": reason},
+    )
+
+
+def operator_refusal(authorization: str | None) -> JSONResponse | None:
+    """None when `Authorization: Bearer <LITELLM_MASTER_KEY>` is presented (compared in constant time),
+    else the 401 to answer. A plain check, not a raising dependency: exception handlers cannot be added
+    to LiteLLM's app once it is serving, which is when meterline is loaded."""
+    master = runtime.current().settings.master_key
+    presented = (authorization or "").removeprefix("Bearer ").strip()
+    if master and presented and secrets.compare_digest(presented.encode(), master.encode()):
+        return None
+    return _error(401, "invalid_api_key", "This route needs the master key (Authorization: Bearer ...).")
+
+
+Authorization = Annotated[str | None, Header()]
 
 
 def _database_ok() -> bool:
@@ -31,3 +61,68 @@ async def health() -> JSONResponse:
             {"status": "unavailable", "database": exc.__class__.__name__, "version": __version__}, status_code=503
         )
     return JSONResponse({"status": "ok", "database": "ok", "version": __version__})
+
+
+@router.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition: outbox depth and age, relay outcomes."""
+    body = await asyncio.to_thread(metrics.render, lambda: runtime.current().engine)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _when(value: datetime | None) -> str | None:
+    return None if value is None else as_utc(value).isoformat()
+
+
+@router.get("/outbox")
+async def outbox(
+    authorization: Authorization = None,
+    status: Annotated[Literal[tuple(s.value for s in Status)] | None, Query()] = None,  # type: ignore[valid-type]
+    customer: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> JSONResponse:
+    """Queue health and events: every undelivered one by default, or those with `status` (master key)."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    engine = runtime.current().engine
+
+    def read():
+        return outbox_store.stats(engine), outbox_store.list_events(engine, status=status, customer_id=customer,
+                                                                    limit=limit)
+
+    stats, events = await asyncio.to_thread(read)
+    return JSONResponse({
+        "depth": stats.depth,
+        "oldest_waiting_at": _when(stats.oldest_waiting_at),
+        "oldest_age_seconds": stats.oldest_age_seconds(datetime.now(UTC)),
+        "events": [
+            {"id": event.id, "customer_id": event.customer_id, "value_ucr": event.value_ucr, "status": event.status,
+             "attempts": event.attempts, "occurred_at": _when(event.occurred_at),
+             "next_attempt_at": _when(event.next_attempt_at), "uncertain": bool(event.uncertain),
+             "last_error": event.last_error}
+            for event in events
+        ],
+    })
+
+
+class RetryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[Annotated[str, Field(max_length=100)]] = Field(default=[], max_length=10_000)
+    all_dead: bool = False
+    force: bool = False
+    """Also re-queue `unknown` events; resending them may bill twice."""
+
+
+@router.post("/outbox/retry")
+async def outbox_retry(body: RetryRequest, authorization: Authorization = None) -> JSONResponse:
+    """Re-queue dead (or held) events by id, or every dead event (master key)."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    if bool(body.ids) == body.all_dead:
+        return _error(422, "invalid_request", "Give `ids` or `all_dead: true` (not both).")
+    count = await asyncio.to_thread(
+        outbox_store.requeue, runtime.current().engine, now=datetime.now(UTC), ids=body.ids,
+        all_dead=body.all_dead, force=body.force,
+    )
+    return JSONResponse({"requeued": count})

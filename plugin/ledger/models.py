@@ -88,6 +88,8 @@ class OutboxEvent(SQLModel, table=True):
     """When the first send was tried: the sink's dedupe window counts from here."""
     uncertain: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     """A send may have reached the sink without us learning the answer (timeout, 5xx, crash mid-send)."""
+    requeues: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    """How often an operator re-queued it: a fresh Idempotency-Key each time (see plugin/sinks/stripe.py)."""
     claimed_by: str | None = Field(default=None, max_length=64)
     lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     delivered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))

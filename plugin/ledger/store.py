@@ -107,6 +107,16 @@ def list_customers(engine: Engine) -> list[Customer]:
         return list(session.exec(select(Customer).order_by(Customer.id)).scalars())
 
 
+def set_stripe_customer(engine: Engine, customer_id: str, stripe_customer_id: str) -> None:
+    with Session(engine) as session:
+        customer = session.get(Customer, customer_id)
+        if customer is None:
+            raise StoreError(f"unknown customer {customer_id!r}")
+        customer.stripe_customer_id = stripe_customer_id
+        session.add(customer)
+        session.commit()
+
+
 def create_key(engine: Engine, customer_id: str) -> tuple[str, str]:
     """Create a key for a customer; returns (key id, secret). The secret is never stored."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)

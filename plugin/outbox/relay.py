@@ -85,6 +85,7 @@ class Relay:
         claimed = await asyncio.to_thread(
             store.claim, self.engine, self.worker, limit=self.options.batch, now=self.clock(),
             lease=self.options.lease, one_customer_per_worker=self.sink.serial_per_customer,
+            max_customers=self.options.concurrency,
         )
         if not claimed:
             return DrainReport()
@@ -180,7 +181,8 @@ class Relay:
 
     async def _send(self, chunk: list[Claimed], sink_ids: dict[str, str | None]) -> Sequence[Outcome]:
         events = [
-            MeterEvent(event.id, event.customer_id, event.value_ucr, event.occurred_at, sink_ids.get(event.customer_id))
+            MeterEvent(event.id, event.customer_id, event.value_ucr, event.occurred_at, sink_ids.get(event.customer_id),
+                       event.requeues)
             for event in chunk
         ]
         try:

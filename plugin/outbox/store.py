@@ -40,16 +40,19 @@ class Claimed:
     """Including the attempt about to be made."""
     first_attempt_at: datetime
     uncertain: bool
+    requeues: int = 0
 
 
 def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: timedelta,
-          one_customer_per_worker: bool = False) -> list[Claimed]:
+          one_customer_per_worker: bool = False, max_customers: int | None = None) -> list[Claimed]:
     """Take up to `limit` due events: pending or held ones whose time has come, and ones whose
     worker's lease ran out (that worker died mid-send, so the event is now `uncertain`).
 
     `one_customer_per_worker` skips customers another worker is sending right now, for sinks that
-    forbid concurrent calls per customer (Stripe v1). On Postgres the claim then takes a
-    transaction advisory lock, so two claims cannot both see a customer as free.
+    forbid concurrent calls per customer (Stripe v1), and takes events of at most `max_customers`
+    customers (the longest-waiting first), so several workers share the customers between them
+    instead of the first one taking them all. On Postgres the claim then takes a transaction
+    advisory lock, so two claims cannot both see a customer as free.
     """
     due = or_(
         and_(_OUTBOX.c.status.in_([Status.PENDING, Status.HELD]), _OUTBOX.c.next_attempt_at <= now),
@@ -58,10 +61,15 @@ def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: time
     candidates = select(_OUTBOX.c.id).where(due)
     if one_customer_per_worker:
         other = aliased(_OUTBOX)
-        candidates = candidates.where(~exists().where(
+        busy_elsewhere = exists().where(
             other.c.customer_id == _OUTBOX.c.customer_id, other.c.status == Status.SENDING,
             other.c.lease_until >= now, other.c.claimed_by != worker,
-        ))
+        )
+        customers = (
+            select(_OUTBOX.c.customer_id).where(due, ~busy_elsewhere).group_by(_OUTBOX.c.customer_id)
+            .order_by(func.min(_OUTBOX.c.next_attempt_at), _OUTBOX.c.customer_id).limit(max_customers or limit)
+        )
+        candidates = candidates.where(_OUTBOX.c.customer_id.in_(customers.scalar_subquery()))
     candidates = candidates.order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id).limit(limit).with_for_update(skip_locked=True)
     statement = (
         update(_OUTBOX)
@@ -72,7 +80,7 @@ def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: time
             uncertain=or_(_OUTBOX.c.uncertain, _OUTBOX.c.status == Status.SENDING),
         )
         .returning(_OUTBOX.c.id, _OUTBOX.c.customer_id, _OUTBOX.c.value_ucr, _OUTBOX.c.occurred_at,
-                   _OUTBOX.c.attempts, _OUTBOX.c.first_attempt_at, _OUTBOX.c.uncertain)
+                   _OUTBOX.c.attempts, _OUTBOX.c.first_attempt_at, _OUTBOX.c.uncertain, _OUTBOX.c.requeues)
     )
     with engine.begin() as connection:
         if one_customer_per_worker and engine.dialect.name == "postgresql":
@@ -80,7 +88,7 @@ def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: time
         rows = connection.execute(statement).all()
     claimed = [
         Claimed(row.id, row.customer_id, row.value_ucr, as_utc(row.occurred_at), row.attempts,
-                as_utc(row.first_attempt_at), bool(row.uncertain))
+                as_utc(row.first_attempt_at), bool(row.uncertain), row.requeues)
         for row in rows
     ]
     claimed.sort(key=lambda event: (event.occurred_at, event.id))
@@ -105,7 +113,7 @@ _RECORD = (
     .where(_OUTBOX.c.id == bindparam("event_id"), _OUTBOX.c.claimed_by == bindparam("worker"),
            _OUTBOX.c.status == Status.SENDING)
     .values(status=bindparam("new_status"), next_attempt_at=bindparam("retry_at"), last_error=bindparam("error"),
-            uncertain=bindparam("new_uncertain"), lease_until=None, delivered_at=bindparam("done_at"))
+            uncertain=bindparam("new_uncertain"), lease_until=None)
 )
 
 
@@ -114,17 +122,26 @@ def record(engine: Engine, worker: str, steps: Sequence[tuple[Claimed, Step]], n
 
     Only rows this worker still holds are touched: if its lease ran out and another worker took an
     event over, that worker's answer wins (a delivery is a delivery either way, and Stripe dedupes).
+    Deliveries, the common case, are one UPDATE per batch; other steps one row each.
     """
     if not steps:
         return
-    parameters = [
+    delivered = [event.id for event, step in steps if step.status == Status.DELIVERED]
+    others = [
         {"event_id": event.id, "worker": worker, "new_status": step.status,
          "retry_at": step.next_attempt_at or now, "error": (step.reason or None) and step.reason[:_ERROR_LIMIT],
-         "new_uncertain": step.uncertain, "done_at": now if step.status == Status.DELIVERED else None}
-        for event, step in steps
+         "new_uncertain": step.uncertain}
+        for event, step in steps if step.status != Status.DELIVERED
     ]
     with engine.begin() as connection:
-        connection.execute(_RECORD, parameters)
+        if delivered:
+            connection.execute(
+                update(_OUTBOX)
+                .where(_OUTBOX.c.id.in_(delivered), _OUTBOX.c.claimed_by == worker, _OUTBOX.c.status == Status.SENDING)
+                .values(status=Status.DELIVERED, delivered_at=now, lease_until=None, last_error=None)
+            )
+        if others:
+            connection.execute(_RECORD, others)
 
 
 def list_events(engine: Engine, *, status: str | None = None, customer_id: str | None = None,
@@ -147,7 +164,10 @@ def requeue(engine: Engine, *, now: datetime, ids: Sequence[str] = (), all_dead:
     """Make events due now again; returns how many were re-queued.
 
     Attempts and first_attempt_at are reset: a re-queued event is a fresh delivery, and a forced
-    `unknown` one is the operator's explicit decision to send again.
+    `unknown` one is the operator's explicit decision to send again. `requeues` counts up, so the
+    resend gets a new Idempotency-Key: its parameters may differ (e.g. a corrected Stripe customer),
+    and Stripe refuses a reused key with other parameters. The identifier stays the same, so
+    Stripe's identifier dedupe still stops a double count.
     """
     statuses = [*REQUEUABLE, Status.UNKNOWN] if force else list(REQUEUABLE)
     condition = _OUTBOX.c.status == Status.DEAD if all_dead else and_(
@@ -155,7 +175,7 @@ def requeue(engine: Engine, *, now: datetime, ids: Sequence[str] = (), all_dead:
     )
     statement = update(_OUTBOX).where(condition).values(
         status=Status.PENDING, next_attempt_at=now, attempts=0, first_attempt_at=None, uncertain=False,
-        claimed_by=None, lease_until=None,
+        claimed_by=None, lease_until=None, requeues=_OUTBOX.c.requeues + 1,
     )
     with engine.begin() as connection:
         return connection.execute(statement).rowcount

@@ -26,6 +26,8 @@ class MeterEvent:
     """When the call was billed (UTC): the event's timestamp at the sink."""
     stripe_customer_id: str | None = None
     """The customer's id at Stripe, when it has one (other sinks use `customer_id`)."""
+    requeues: int = 0
+    """How often an operator re-queued the event; sinks with idempotency keys derive a fresh one per requeue."""
 
 
 class OutcomeKind(StrEnum):

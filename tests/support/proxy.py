@@ -80,7 +80,7 @@ class Proxy:
         return (self.workdir / "proxy.log").read_text(errors="replace")
 
 
-def proxy_env(workdir: Path, database_url: str) -> dict[str, str]:
+def proxy_env(workdir: Path, database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         LITELLM_LOCAL_MODEL_COST_MAP="True",
@@ -90,12 +90,14 @@ def proxy_env(workdir: Path, database_url: str) -> dict[str, str]:
         LITELLM_LOG="ERROR",
         METERLINE_KEY_CACHE_SECONDS="1",
     )
+    env.update(extra or {})
     return env
 
 
 @contextmanager
 def run_proxy(workdir: Path, upstream_base_url: str, database_url: str, plugin: bool = True,
-              meterline_yaml: dict | None = None, timeout: float = 90.0) -> Iterator[Proxy]:
+              meterline_yaml: dict | None = None, timeout: float = 90.0,
+              env: dict[str, str] | None = None) -> Iterator[Proxy]:
     """Write the configs into `workdir`, start `litellm --config`, wait for it, stop it after."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "litellm_config.yaml").write_text(yaml.safe_dump(litellm_config(upstream_base_url, plugin)))
@@ -104,7 +106,7 @@ def run_proxy(workdir: Path, upstream_base_url: str, database_url: str, plugin: 
     with open(workdir / "proxy.log", "wb") as log_file:
         process = subprocess.Popen(
             [str(LITELLM), "--config", str(workdir / "litellm_config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=workdir, env=proxy_env(workdir, database_url), stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=workdir, env=proxy_env(workdir, database_url, env), stdout=log_file, stderr=subprocess.STDOUT,
         )
         proxy = Proxy(port=port, database_url=database_url, workdir=workdir, process=process)
         try:
