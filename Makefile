@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 4000
+STRIPE_PORT ?= 12111
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: run test venv redis-server bench clean
@@ -18,10 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## make run: the proxy with meterline on embedded defaults and the offline `demo` model.
+## make run: the proxy with meterline on embedded defaults, the offline `demo` model, and the
+## local Stripe emulator (a test key, never a real one) so meter events are seen landing.
 run: $(STAMP)
-	LITELLM_MASTER_KEY=$${LITELLM_MASTER_KEY:-sk-meterline-demo-master} $(BIN)/meterline demo --host $(HOST) --port $(PORT)
-	LITELLM_MASTER_KEY=$${LITELLM_MASTER_KEY:-sk-meterline-demo-master} exec $(BIN)/litellm --config litellm_config.yaml --host $(HOST) --port $(PORT)
+	@export LITELLM_MASTER_KEY="$${LITELLM_MASTER_KEY:-sk-meterline-demo-master}" \
+	        STRIPE_API_KEY=sk_test_meterline_demo \
+	        METERLINE_STRIPE_API_BASE=http://127.0.0.1:$(STRIPE_PORT); \
+	$(BIN)/meterline stripe-emulator --port $(STRIPE_PORT) & emulator=$$!; \
+	trap 'kill $$emulator 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/meterline demo --host $(HOST) --port $(PORT) && \
+	$(BIN)/litellm --config litellm_config.yaml --host $(HOST) --port $(PORT)
 
 ## redis-server for the test-suite (installed with apt-get when missing).
 redis-server:
@@ -33,6 +40,7 @@ test: $(STAMP) redis-server
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/relay.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache meterline.db meterline.db-* .meterline-demo-key

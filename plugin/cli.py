@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import json
 import re
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -247,14 +249,16 @@ def cmd_stripe_subscribe(args, out: TextIO) -> None:
     if customer is None:
         raise BadInput(f"unknown customer {args.customer_id!r}")
     setup = _stripe_setup(meterline, out)
+    plan_prices = setup.plan_prices(customer.plan)  # refuse before creating anything at Stripe
     stripe_id = customer.stripe_customer_id
     if stripe_id is None:
-        created = setup.client.v1.customers.create({"name": customer.id, "metadata": {"meterline_customer_id": customer.id}})
+        created = setup.client.v1.customers.create({"name": customer.id,
+                                                    "metadata": {"meterline_customer_id": customer.id}})
         stripe_id = created.id
         store.set_stripe_customer(meterline.engine, customer.id, stripe_id)
         outbox_store.release_held(meterline.engine, customer.id, datetime.now(UTC))
         print(f"customer {customer.id} created at Stripe as {stripe_id}", file=out)
-    subscription, action = setup.subscribe(customer.plan, stripe_id)
+    subscription, action = setup.subscribe(customer.plan, stripe_id, plan_prices)
     print(f"subscription {subscription} {'created' if action == 'created' else 'already in place'} for "
           f"{customer.id} on plan {customer.plan}", file=out)
 
@@ -287,6 +291,7 @@ def cmd_demo(args, out: TextIO) -> None:
         _, secret = store.create_key(engine, args.customer_id)
         args.key_file.write_text(secret + "\n")
         args.key_file.chmod(0o600)
+    stripe_note = _demo_stripe(meterline, args.customer_id, out) if meterline.settings.stripe_api_key else ""
     base = f"http://{args.host}:{args.port}"
     print(f"""
 meterline demo: customer '{args.customer_id}' (plan {args.plan}), key saved in {args.key_file}
@@ -299,7 +304,42 @@ meterline demo: customer '{args.customer_id}' (plan {args.plan}), key saved in {
 print(c.chat.completions.create(model="demo", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'
 
   then: .venv/bin/meterline usage {args.customer_id}
-""", file=out)
+{stripe_note}""", file=out)
+
+
+def _demo_stripe(meterline: runtime.Meterline, customer_id: str, out: TextIO) -> str:
+    """Set up the (local) Stripe for the demo: catalog, the demo customer, its subscription.
+
+    The emulator keeps nothing between runs, so a Stripe customer id remembered from an earlier run
+    may no longer exist there: the demo (only the demo) then creates a new one.
+    """
+    setup = _stripe_setup(meterline, io.StringIO())
+    for attempt in range(50):  # the emulator may still be starting: wait up to ~10 s
+        try:
+            setup.run()
+            break
+        except stripe.APIConnectionError:
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
+    customer = store.get_customer(meterline.engine, customer_id)
+    stripe_id = customer.stripe_customer_id
+    if stripe_id is not None:
+        try:
+            setup.client.v1.customers.retrieve(stripe_id)
+        except stripe.InvalidRequestError:
+            stripe_id = None
+    if stripe_id is None:
+        stripe_id = setup.client.v1.customers.create({"name": customer_id}).id
+        store.set_stripe_customer(meterline.engine, customer_id, stripe_id)
+        outbox_store.release_held(meterline.engine, customer_id, datetime.now(UTC))
+    setup.subscribe(customer.plan, stripe_id)
+    base = meterline.settings.stripe_api_base or "https://api.stripe.com"
+    return f"""
+  meter events go to Stripe at {base} as {stripe_id}:
+        .venv/bin/meterline outbox list          # what is waiting
+        curl {base}/_emulator/meter_events       # what the local Stripe emulator received
+"""
 
 
 # ------------------------------------------------------------------------------ parser

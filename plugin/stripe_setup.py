@@ -189,8 +189,8 @@ class StripeSetup:
         price = self.client.v1.prices.create(spec.create_params(self.product_id, meter_id))
         return self._emit(Change("price", spec.lookup_key, price.id, "created" if existing is None else "replaced"))
 
-    def subscribe(self, plan: str, stripe_customer_id: str) -> tuple[str, Literal["exists", "created"]]:
-        """Make sure the customer has a subscription with its plan's prices; returns (subscription id, action)."""
+    def plan_prices(self, plan: str) -> list[tuple[PriceSpec, stripe.Price]]:
+        """The plan's prices at Stripe; a ConfigError when the plan has none or setup has not run."""
         specs = [spec for spec in catalog(self.config) if spec.plan == plan]
         if not specs:
             raise ConfigError(f"plan {plan!r} has no Stripe prices: set overage_usd_per_credit or base_fee_usd "
@@ -199,17 +199,20 @@ class StripeSetup:
         missing = [spec.lookup_key for spec in specs if spec.lookup_key not in prices]
         if missing:
             raise ConfigError(f"Stripe has no price {', '.join(missing)}: run `meterline stripe setup` first")
-        wanted = {prices[spec.lookup_key].id for spec in specs}
+        return [(spec, prices[spec.lookup_key]) for spec in specs]
+
+    def subscribe(self, plan: str, stripe_customer_id: str, plan_prices: list[tuple[PriceSpec, stripe.Price]] | None = None,
+                  ) -> tuple[str, Literal["exists", "created"]]:
+        """Make sure the customer has a subscription with its plan's prices; returns (subscription id, action)."""
+        plan_prices = plan_prices or self.plan_prices(plan)
+        wanted = {price.id for _, price in plan_prices}
         subscriptions = self.client.v1.subscriptions.list({"customer": stripe_customer_id, "limit": 100})
         for subscription in subscriptions.auto_paging_iter():
             if subscription.status in ("active", "trialing", "past_due") and wanted <= {
                 item.price.id for item in subscription["items"].data
             }:
                 return subscription.id, "exists"
-        items = [
-            {"price": prices[spec.lookup_key].id} | ({"quantity": 1} if spec.kind == "base" else {})
-            for spec in specs
-        ]
+        items = [{"price": price.id} | ({"quantity": 1} if spec.kind == "base" else {}) for spec, price in plan_prices]
         subscription = self.client.v1.subscriptions.create({
             "customer": stripe_customer_id, "items": items, "metadata": {"meterline_plan": plan},
         })

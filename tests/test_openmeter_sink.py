@@ -425,3 +425,40 @@ def test_the_fake_wants_a_cloudevents_content_type(openmeter):
                           headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5)
     assert response.status_code == 415
     assert openmeter.events() == []
+
+
+def test_relay_cli_delivers_to_openmeter_through_the_configured_sink(tmp_path, monkeypatch, capsys):
+    """METERLINE_SINK=openmeter wires this sink into `meterline relay`; the ledger reaches OpenMeter once."""
+    from datetime import UTC, datetime
+
+    from plugin import runtime
+    from plugin.cli import main
+    from plugin.ledger import store
+    from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    store.add_customer(engine, "om-acme", "pro")  # no Stripe id needed: OpenMeter's subject is our customer id
+    store.write_records(engine, [
+        BillingRecord(LedgerRow(id=f"mtr_om_{n}", customer_id="om-acme", model="m", credits_ucr=1000 + n,
+                                created_at=datetime.now(UTC)))
+        for n in range(150)
+    ])
+    with run_openmeter(token="om_cli") as server:
+        for name, value in {"METERLINE_DATABASE_URL": url, "METERLINE_CONFIG": str(tmp_path / "none.yaml"),
+                            "METERLINE_SINK": "openmeter", "METERLINE_OPENMETER_URL": server.base_url,
+                            "METERLINE_OPENMETER_TOKEN": "om_cli"}.items():
+            monkeypatch.setenv(name, value)
+        runtime.reset_for_tests()
+        try:
+            assert main(["relay", "--once"]) == 0
+            assert main(["relay", "--once"]) == 0  # nothing left: no resend
+        finally:
+            runtime.reset_for_tests()
+        received = {event["id"]: event for event in server.events()}
+        assert len(server.calls()) == 2  # 150 events in batches of 100
+    out = capsys.readouterr().out
+    assert "150 claimed: 150 delivered" in out and "0 claimed" in out
+    assert set(received) == {f"mtr_om_{n}" for n in range(150)}
+    assert received["mtr_om_7"]["subject"] == "om-acme" and received["mtr_om_7"]["data"] == {"credits_ucr": "1007"}
+    engine.dispose()

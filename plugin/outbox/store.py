@@ -70,7 +70,8 @@ def claim(engine: Engine, worker: str, *, limit: int, now: datetime, lease: time
             .order_by(func.min(_OUTBOX.c.next_attempt_at), _OUTBOX.c.customer_id).limit(max_customers or limit)
         )
         candidates = candidates.where(_OUTBOX.c.customer_id.in_(customers.scalar_subquery()))
-    candidates = candidates.order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id).limit(limit).with_for_update(skip_locked=True)
+    candidates = (candidates.order_by(_OUTBOX.c.next_attempt_at, _OUTBOX.c.id).limit(limit)
+                  .with_for_update(skip_locked=True))
     statement = (
         update(_OUTBOX)
         .where(_OUTBOX.c.id.in_(candidates.scalar_subquery()))

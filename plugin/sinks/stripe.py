@@ -102,7 +102,8 @@ class StripeSink:
         self.config = config
         # aiohttp rather than the SDK's default httpx: httpx's connection pool cost ~2 ms of CPU per call
         # at 16 concurrent calls (bench/relay.py), aiohttp's a fraction of that.
-        self._http = None if client else stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=config.timeout_seconds))
+        timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
+        self._http = None if client else stripe.AIOHTTPClient(timeout=timeout)
         self.client = client or config.client(self._http)
         self.clock = clock
         self.max_batch = STREAM_BATCH if config.stream else 1

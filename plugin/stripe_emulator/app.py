@@ -26,6 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from plugin.stripe_emulator.clock import AdjustableClock
+from plugin.stripe_emulator.errors import ApiError
+from plugin.stripe_emulator.faults import injected_error
 from plugin.stripe_emulator.forms import (
     InvalidParam,
     Params,
@@ -33,13 +36,8 @@ from plugin.stripe_emulator.forms import (
     decode_query,
     parse_integer,
 )
-from plugin.stripe_emulator.state import (
-    AdjustableClock,
-    ApiError,
-    EmulatorState,
-    StoredResponse,
-    injected_error,
-)
+from plugin.stripe_emulator.idempotency import StoredResponse
+from plugin.stripe_emulator.state import EmulatorState
 from plugin.stripe_emulator.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import uvicorn
 
 from plugin.stripe_emulator.app import create_app
-from plugin.stripe_emulator.state import AdjustableClock, EmulatorState
+from plugin.stripe_emulator.clock import AdjustableClock
+from plugin.stripe_emulator.state import EmulatorState
 from plugin.stripe_emulator.webhooks import WebhookSender
 
 READY_POLL_SECONDS = 0.01

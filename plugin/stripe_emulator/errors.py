@@ -1,0 +1,40 @@
+"""Stripe's error answer as one exception, so every rule can refuse a call the way Stripe would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from plugin.stripe_emulator.forms import InvalidParam
+
+
+class ApiError(Exception):
+    """An error answer in Stripe's shape; the SDK picks its exception class from `status` and `type`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+    @classmethod
+    def from_invalid_param(cls, error: InvalidParam) -> ApiError:
+        return cls(400, error.message, code=error.code, param=error.param)
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.code is not None:
+            error["code"] = self.code
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+
+def rate_limited(message: str) -> ApiError:
+    return ApiError(429, message, code="rate_limit")
+
+
+def not_found(label: str, object_id: str, param: str = "id") -> ApiError:
+    return ApiError(404, f"No such {label}: '{object_id}'", code="resource_missing", param=param)

@@ -1,0 +1,328 @@
+"""Meter events as Stripe takes them: v1 one at a time and synchronously, v2 in batches and asynchronously.
+
+Both versions share one rule book (`MeterEvents._ingest`): the event must name an active meter and a known
+customer, carry a number, and fall between 35 days ago and 5 minutes ahead; an identifier counts once
+per rolling 24 h. They differ only in how they answer: v1 refuses with a 400 now, v2 records what it can
+and reports the rest later in ``billing.meter.error_report_triggered`` events.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from plugin.stripe_emulator.catalog import Catalog
+from plugin.stripe_emulator.clock import DAY, Expiring, parse_rfc3339, rfc3339
+from plugin.stripe_emulator.errors import ApiError, rate_limited
+from plugin.stripe_emulator.forms import InvalidParam, Params, parse_decimal
+from plugin.stripe_emulator.money import json_number
+from plugin.stripe_emulator.store import LIST_PARAMS, Store, new_id, paginate
+
+IDENTIFIER_WINDOW_SECONDS = DAY
+TIMESTAMP_PAST_SECONDS = 35 * DAY
+TIMESTAMP_FUTURE_SECONDS = 5 * 60
+SESSION_SECONDS = 15 * 60
+MAX_STREAM_EVENTS = 100
+MAX_IDENTIFIER_LENGTH = 100
+
+Slot = tuple[str, str]
+"""(meter id, customer id): what v1 allows one call at a time for, and what usage is kept under."""
+
+
+@dataclass(frozen=True)
+class MeterEventInput:
+    """One meter event as sent on v1 or v2, after its shape was checked."""
+
+    event_name: str
+    payload: dict[str, str]
+    identifier: str | None
+    timestamp: int | None
+
+
+class EventRejected(Exception):
+    """A meter event Stripe would not record: `code` is the code of Stripe's meter error reports."""
+
+    def __init__(self, code: str, message: str, param: str | None = None, meter_id: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.param, self.meter_id = code, message, param, meter_id
+
+
+class MeterEvents:
+    """Recorded usage by meter and customer, v2 session tokens, and the log the control API shows."""
+
+    def __init__(self, store: Store, catalog: Catalog):
+        self.store = store
+        self.catalog = catalog
+        self._sessions: dict[str, float] = {}
+        self._identifiers: Expiring[int] = Expiring(IDENTIFIER_WINDOW_SECONDS)
+        self._usage: dict[Slot, list[tuple[int, Decimal]]] = {}
+        self._busy_slots: set[Slot] = set()
+        self.recorded: list[dict[str, Any]] = []
+        self.rejections: list[dict[str, Any]] = []
+        self.duplicates = 0
+
+    # -------------------------------------------------------------------------- v1
+
+    def claim_meter_event_slot(self, raw: Mapping[str, Any]) -> Slot | None:
+        """Stripe's "one concurrent call per customer per meter" on v1: 429 while another one runs.
+
+        Returns the slot to release when the call is done, or None when there is nothing to hold
+        (a request too malformed to name a customer and meter: it fails later).
+        """
+        event_name, payload = raw.get("event_name"), raw.get("payload")
+        meter = self.catalog.active_meter(event_name) if isinstance(event_name, str) else None
+        if meter is None or not isinstance(payload, Mapping):
+            return None
+        customer = payload.get(meter["customer_mapping"]["event_payload_key"])
+        if not isinstance(customer, str):
+            return None
+        slot = (meter["id"], customer)
+        if slot in self._busy_slots:
+            raise rate_limited(
+                f"Another meter event for customer '{customer}' on meter '{meter['id']}' is still being processed: "
+                "send one request at a time per customer and meter."
+            )
+        self._busy_slots.add(slot)
+        return slot
+
+    def release_meter_event_slot(self, slot: Slot | None) -> None:
+        if slot is not None:
+            self._busy_slots.discard(slot)
+
+    def create_meter_event(self, params: Params) -> dict[str, Any]:
+        """v1: validated synchronously; a rejected or duplicate event is a 400 the caller sees now."""
+        event = _v1_event(params)
+        now = self.store.now()
+        try:
+            recorded = self._ingest(event, "v1", now)
+        except EventRejected as rejected:
+            raise ApiError(400, rejected.message, code=rejected.code, param=rejected.param) from None
+        if recorded is None:
+            raise ApiError(
+                400, f"A meter event with identifier '{event.identifier}' already exists: identifiers must be unique "
+                "within a rolling 24-hour window.", code="resource_already_exists", param="identifier",
+            )
+        identifier, timestamp = recorded
+        return {"object": "billing.meter_event", "created": now, "livemode": False, "event_name": event.event_name,
+                "identifier": identifier, "payload": event.payload, "timestamp": timestamp}
+
+    # -------------------------------------------------------------------------- v2
+
+    def create_meter_event_session(self, params: Params) -> dict[str, Any]:
+        params.only()
+        now = self.store.clock()
+        self._sessions = {token: expiry for token, expiry in self._sessions.items() if expiry > now}
+        token = f"mes_tok_{secrets.token_urlsafe(32)}"
+        self._sessions[token] = now + SESSION_SECONDS
+        return {"id": new_id("mes"), "object": "v2.billing.meter_event_session", "authentication_token": token,
+                "created": rfc3339(now), "expires_at": rfc3339(now + SESSION_SECONDS), "livemode": False}
+
+    def check_session_token(self, token: str) -> None:
+        expiry = self._sessions.get(token)
+        if expiry is None or expiry <= self.store.clock():
+            raise ApiError(401, "The meter event session has expired or is not valid; create a new meter event "
+                           "session.", code="billing_meter_event_session_expired")
+
+    def accept_meter_event_stream(self, params: Params) -> None:
+        """v2: the batch's shape is checked now; each event's content later, as Stripe does.
+
+        A shape error refuses the whole batch (400). Otherwise every valid event is recorded (a known
+        identifier is silently skipped) and the invalid ones are reported in one
+        ``billing.meter.error_report_triggered`` event per meter; the caller's answer does not tell.
+        """
+        params.only("events")
+        batch = params.children("events", required=True)
+        if not 1 <= len(batch) <= MAX_STREAM_EVENTS:
+            raise InvalidParam(f"events must contain between 1 and {MAX_STREAM_EVENTS} items; got {len(batch)}.",
+                               "events")
+        events = [_stream_event(item) for item in batch]
+        now = self.store.now()
+        rejected: list[tuple[MeterEventInput, EventRejected]] = []
+        for event in events:
+            try:
+                self._ingest(event, "v2", now)
+            except EventRejected as error:
+                rejected.append((event, error))
+        for report in error_reports(rejected, now):
+            self.store.emit("billing.meter.error_report_triggered", report)
+
+    # -------------------------------------------------------------------------- the rules, for both versions
+
+    def _ingest(self, event: MeterEventInput, source: str, now: int) -> tuple[str, int] | None:
+        """Record `event`: its identifier and timestamp, or None for a known identifier (counted, not recorded).
+
+        Raises `EventRejected` (and logs it) when Stripe would not record the event.
+        """
+        try:
+            meter, customer, value = self._check_event(event, now)
+        except EventRejected as error:
+            self.rejections.append({
+                "identifier": event.identifier, "event_name": event.event_name, "code": error.code,
+                "message": error.message, "source": source, "received_at": now,
+            })
+            raise
+        identifier = event.identifier or new_id("evtid")
+        self._identifiers.expire(now)
+        if identifier in self._identifiers:
+            self.duplicates += 1
+            return None
+        timestamp = event.timestamp if event.timestamp is not None else now
+        self._identifiers.put(identifier, now, now)
+        self._usage.setdefault((meter["id"], customer), []).append((timestamp, value))
+        self.recorded.append({
+            "identifier": identifier, "event_name": event.event_name, "meter": meter["id"], "customer": customer,
+            "value": event.payload.get(meter["value_settings"]["event_payload_key"]), "timestamp": timestamp,
+            "source": source, "received_at": now,
+        })
+        return identifier, timestamp
+
+    def _check_event(self, event: MeterEventInput, now: int) -> tuple[dict[str, Any], str, Decimal]:
+        """The meter, customer and value of a valid event; `EventRejected` with Stripe's code otherwise."""
+        meter = self.catalog.active_meter(event.event_name)
+        if meter is None:
+            raise EventRejected("archived_meter" if self.catalog.had_meter(event.event_name) else "no_meter",
+                                f"No active meter was found for event_name '{event.event_name}'.", "event_name")
+        customer_key = meter["customer_mapping"]["event_payload_key"]
+        customer = event.payload.get(customer_key)
+        if not customer:
+            raise EventRejected("meter_event_no_customer_defined",
+                                f"The payload has no '{customer_key}': the meter maps customers by that key.",
+                                f"payload[{customer_key}]", meter["id"])
+        if self.store.find("customer", customer) is None:
+            raise EventRejected("meter_event_customer_not_found", f"No such customer: '{customer}'",
+                                f"payload[{customer_key}]", meter["id"])
+        value_key = meter["value_settings"]["event_payload_key"]
+        value = _event_value(event.payload.get(value_key), meter, f"payload[{value_key}]")
+        if event.timestamp is not None and event.timestamp < now - TIMESTAMP_PAST_SECONDS:
+            raise EventRejected("timestamp_too_far_in_past",
+                                f"Timestamp {event.timestamp} is more than 35 days in the past.", "timestamp",
+                                meter["id"])
+        if event.timestamp is not None and event.timestamp > now + TIMESTAMP_FUTURE_SECONDS:
+            raise EventRejected("timestamp_in_future",
+                                f"Timestamp {event.timestamp} is more than 5 minutes in the future.", "timestamp",
+                                meter["id"])
+        return meter, customer, value
+
+    # -------------------------------------------------------------------------- reading usage
+
+    def aggregated(self, meter: Mapping[str, Any], customer: str, start: int, end: int) -> Decimal:
+        """The meter's aggregation of `customer`'s events with start <= timestamp < end."""
+        usage = self._usage.get((meter["id"], customer), [])
+        return aggregate(meter["default_aggregation"]["formula"], usage, start, end)
+
+    def meter_event_summaries(self, meter_id: str, params: Params) -> dict[str, Any]:
+        params.only(*LIST_PARAMS, "customer", "start_time", "end_time", "value_grouping_window")
+        meter = self.store.get("meter", meter_id)
+        customer = params.text("customer", required=True)
+        start, end = params.integer("start_time", required=True), params.integer("end_time", required=True)
+        for name, value in (("start_time", start), ("end_time", end)):
+            if value % 60:
+                raise InvalidParam(f"{name} must be aligned with minute boundaries.", name)
+        if start >= end:
+            raise InvalidParam("start_time must be before end_time.", "start_time")
+        window = {"hour": 3600, "day": DAY, None: None}[params.text("value_grouping_window", choices=("day", "hour"))]
+        summaries = [
+            {"id": f"mtrsum_{meter_id[4:]}_{window_start}", "object": "billing.meter_event_summary",
+             "livemode": False, "meter": meter_id, "start_time": window_start, "end_time": window_end,
+             "aggregated_value": json_number(self.aggregated(meter, customer, window_start, window_end))}
+            for window_start, window_end in grouping_windows(start, end, window)
+        ]
+        return paginate(summaries, f"/v1/billing/meters/{meter_id}/event_summaries", params)
+
+    def meter_event_log(self, offset: int = 0) -> dict[str, Any]:
+        """What the control API shows: recorded events (from `offset`), rejections and duplicate attempts."""
+        return {"count": len(self.recorded), "events": self.recorded[offset:],
+                "rejected": len(self.rejections), "duplicates": self.duplicates, "rejections": list(self.rejections)}
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def _v1_event(params: Params) -> MeterEventInput:
+    params.only("event_name", "payload", "identifier", "timestamp")
+    return MeterEventInput(
+        event_name=params.text("event_name", required=True, max_length=100),
+        payload=params.strings("payload", required=True),
+        identifier=params.text("identifier", max_length=MAX_IDENTIFIER_LENGTH),
+        timestamp=params.integer("timestamp"),
+    )
+
+
+def _stream_event(item: Params) -> MeterEventInput:
+    """A v2 stream event's shape (wrong shapes refuse the whole batch, synchronously)."""
+    item.only("event_name", "identifier", "payload", "timestamp")
+    timestamp_text = item.text("timestamp")
+    timestamp = None if timestamp_text is None else parse_rfc3339(timestamp_text)
+    if timestamp_text is not None and timestamp is None:
+        raise InvalidParam(f"Invalid timestamp: {timestamp_text!r} is not an RFC 3339 date-time.",
+                           item.name("timestamp"))
+    return MeterEventInput(
+        event_name=item.text("event_name", required=True, max_length=100),
+        payload=item.strings("payload", required=True),
+        identifier=item.text("identifier", max_length=MAX_IDENTIFIER_LENGTH),
+        timestamp=timestamp,
+    )
+
+
+def _event_value(raw: str | None, meter: Mapping[str, Any], param: str) -> Decimal:
+    """The number an event adds; a ``count`` meter counts events that carry none."""
+    if meter["default_aggregation"]["formula"] == "count" and raw is None:
+        return Decimal(1)
+    if raw is None:
+        raise EventRejected("meter_event_value_not_found", f"The payload has no value at {param}.", param,
+                            meter["id"])
+    value = parse_decimal(raw)
+    if value is None:
+        raise EventRejected("meter_event_invalid_value", f"Invalid value: {raw!r} is not a number.", param,
+                            meter["id"])
+    return value
+
+
+def aggregate(formula: str, usage: Iterable[tuple[int, Decimal]], start: int, end: int) -> Decimal:
+    """A meter's aggregation of the events with start <= timestamp < end."""
+    inside = [(timestamp, value) for timestamp, value in usage if start <= timestamp < end]
+    if formula == "count":
+        return Decimal(len(inside))
+    if formula == "last":
+        return max(inside, key=lambda event: event[0])[1] if inside else Decimal(0)
+    return sum((value for _, value in inside), Decimal(0))
+
+
+def grouping_windows(start: int, end: int, size: int | None) -> list[tuple[int, int]]:
+    """[start, end) cut at UTC multiples of `size` seconds (one window when size is None)."""
+    if size is None:
+        return [(start, end)]
+    windows, cursor = [], start
+    while cursor < end:
+        boundary = min((cursor // size + 1) * size, end)
+        windows.append((cursor, boundary))
+        cursor = boundary
+    return windows
+
+
+def error_reports(rejected: Sequence[tuple[MeterEventInput, EventRejected]], now: int) -> list[dict[str, Any]]:
+    """The data objects of ``billing.meter.error_report_triggered``: one per meter, errors grouped by code."""
+    by_meter: dict[str | None, dict[str, list[tuple[MeterEventInput, EventRejected]]]] = {}
+    for event, error in rejected:
+        by_meter.setdefault(error.meter_id, {}).setdefault(error.code, []).append((event, error))
+    reports = []
+    for meter_id, by_code in by_meter.items():
+        error_count = sum(len(errors) for errors in by_code.values())
+        reports.append({
+            "object": "billing.meter.error_report", "meter": meter_id, "livemode": False,
+            "developer_message_summary": f"{error_count} meter event(s) could not be processed.",
+            "validation_start": now, "validation_end": now,
+            "reason": {
+                "error_count": error_count,
+                "error_types": [
+                    {"code": code, "error_count": len(errors),
+                     "sample_errors": [{"error_message": error.message,
+                                        "request": {"identifier": event.identifier}} for event, error in errors]}
+                    for code, errors in by_code.items()
+                ],
+            },
+        })
+    return reports
