@@ -29,7 +29,7 @@ from plugin.ledger import store  # noqa: E402
 from plugin.ledger.store import BillingRecord, LedgerRow, make_engine  # noqa: E402
 from plugin.outbox.relay import Relay, RelayOptions  # noqa: E402
 from plugin.sinks.stripe import StripeConfig, StripeSink  # noqa: E402
-from tests.support.upstream import free_port, stop_process  # noqa: E402
+from tests.support.processes import free_port, stop_process  # noqa: E402
 
 API_KEY = "sk_test_meterline_bench"
 EVENT_NAME = "meterline_credits"

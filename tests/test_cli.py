@@ -342,3 +342,47 @@ def test_a_bad_environment_value_is_exit_2_naming_the_variable(tmp_path, monkeyp
     }, "customers", "list")
     assert code == 2
     assert err.startswith("environment: METERLINE_KEY_CACHE_SECONDS:") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ delivery commands (the Stripe paths
+# themselves run against the emulator in test_delivery_stripe.py and test_stripe_setup.py)
+
+
+def test_outbox_list_shows_queue_health_and_events(cli, ledger):
+    code, out = cli("outbox", "list")
+    assert code == 0
+    first, *rows = out.splitlines()
+    assert first.startswith("outbox: 4 pending; oldest waiting")
+    assert sorted(row.split("\t")[0] for row in rows) == ["b1", "r0", "r1", "r2"]  # the cache hit makes no event
+    code, out = cli("outbox", "list", "--customer", "beta", "--json")
+    [event] = [json.loads(line) for line in out.splitlines()]
+    assert (event["id"], event["value_ucr"], event["status"], event["attempts"]) == ("b1", 7_000_000, "pending", 0)
+
+
+def test_delivery_commands_refuse_bad_input(cli, ledger, monkeypatch):
+    assert "give event ids or --all-dead" in cli.fails("outbox", "retry")
+    assert "give event ids or --all-dead" in cli.fails("outbox", "retry", "r1", "--all-dead")
+    assert "invalid choice" in cli.fails("outbox", "list", "--status", "lost")
+    assert "positive whole number" in cli.fails("outbox", "list", "--limit", "0")
+    assert "invalid Stripe customer id" in cli.fails("customers", "set-stripe", "acme", "acct_123")
+    assert "unknown customer 'nobody'" in cli.fails("customers", "set-stripe", "nobody", "cus_123")
+    monkeypatch.delenv("STRIPE_API_KEY", raising=False)
+    monkeypatch.delenv("METERLINE_SINK", raising=False)
+    runtime.reset_for_tests()
+    assert "no sink configured" in cli.fails("relay", "--once")
+    assert "STRIPE_API_KEY is not set" in cli.fails("stripe", "setup")
+    monkeypatch.setenv("METERLINE_SINK", "openmeter")
+    runtime.reset_for_tests()
+    assert "METERLINE_OPENMETER_URL" in cli.fails("relay", "--once")
+
+
+def test_outbox_retry_reports_what_it_could_not_requeue(cli, ledger):
+    code, out = cli("outbox", "retry", "r1")  # pending, not dead: nothing to do
+    assert (code, out) == (0, "0 event(s) queued for delivery\n")
+    assert "were not dead or held" in cli.stderr()
+
+
+def test_set_stripe_links_the_customer(cli, ledger):
+    code, out = cli("customers", "set-stripe", "acme", "cus_acme1")
+    assert code == 0 and "acme is cus_acme1 at Stripe; 0 held meter event(s) queued" in out
+    assert store.get_customer(cli.engine, "acme").stripe_customer_id == "cus_acme1"

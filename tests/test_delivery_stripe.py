@@ -33,7 +33,7 @@ from plugin.settings import MeterlineConfig
 from plugin.stripe_setup import StripeSetup
 from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy
 from tests.support.stripe_emulator import DEFAULT_API_KEY, StripeEmulator, run_stripe_emulator
-from tests.support.upstream import stop_process
+from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.proxy
 
@@ -375,11 +375,17 @@ def test_customers_without_a_stripe_id_are_held_until_subscribed(tmp_path, emula
 # ------------------------------------------------------------------ the proxy killed, and the v2 stream
 
 
-async def test_proxy_killed_mid_load_loses_and_doubles_no_meter_event(tmp_path, upstream, emulator):
+def ledger_with_customer(tmp_path, emulator, customer_id: str):
+    """A fresh SQLite ledger with one customer (known to Stripe) and its key: (url, engine, key)."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     engine = make_engine(url)
-    store.add_customer(engine, "crash", "pro", stripe_customer(emulator, "crash"))
-    _, key = store.create_key(engine, "crash")
+    store.add_customer(engine, customer_id, "pro", stripe_customer(emulator, customer_id))
+    _, key = store.create_key(engine, customer_id)
+    return url, engine, key
+
+
+async def test_proxy_killed_mid_load_loses_and_doubles_no_meter_event(tmp_path, upstream, emulator):
+    url, engine, key = ledger_with_customer(tmp_path, emulator, "crash")
     headers = {"Authorization": f"Bearer {key}"}
     env = stripe_env(emulator)
     emulator.delay(5)
@@ -403,8 +409,7 @@ async def test_proxy_killed_mid_load_loses_and_doubles_no_meter_event(tmp_path, 
             proxy.process.wait(10)
     finally:
         emulator.delay(0)
-    billed = [row for row in store.ledger_rows(engine, "crash")]
-    assert len(billed) >= 25
+    assert len(list(store.ledger_rows(engine, "crash"))) >= 25
     with run_proxy(tmp_path / "second", upstream.base_url, url, meterline_yaml=PRICED_YAML, env=env):
         wait_for(lambda: drained(engine), what="the restarted proxy's relay to drain")
     assert_exactly_once(emulator, engine, ["crash"])
@@ -414,10 +419,7 @@ async def test_proxy_killed_mid_load_loses_and_doubles_no_meter_event(tmp_path, 
 async def test_v2_meter_event_stream_delivers_in_batches(tmp_path, upstream, emulator):
     import openai
 
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    engine = make_engine(url)
-    store.add_customer(engine, "streamer", "pro", stripe_customer(emulator, "streamer"))
-    _, key = store.create_key(engine, "streamer")
+    url, engine, key = ledger_with_customer(tmp_path, emulator, "streamer")
     sessions_before = emulator.calls().get("POST /v2/billing/meter_event_session", 0)
     with run_proxy(tmp_path / "proxy", upstream.base_url, url, meterline_yaml=PRICED_YAML,
                    env=stripe_env(emulator, METERLINE_STRIPE_STREAM="1")) as proxy:

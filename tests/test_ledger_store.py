@@ -112,3 +112,25 @@ async def test_writer_reports_a_failed_commit_to_every_waiter(engine):
     finally:
         writer.close()
     assert [row.id for row in store.ledger_rows(engine)] == ["after"]
+
+
+def test_a_database_from_an_earlier_build_gets_the_new_columns(tmp_path):
+    """The metering core's outbox had no delivery columns: opening it adds them, keeping its rows."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute(
+            "CREATE TABLE outbox (id VARCHAR(100) PRIMARY KEY, customer_id VARCHAR(64) NOT NULL, value_ucr BIGINT "
+            "NOT NULL, occurred_at DATETIME NOT NULL, status VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, "
+            "next_attempt_at DATETIME NOT NULL, last_error TEXT)")
+        connection.execute("INSERT INTO outbox VALUES ('old', 'acme', 5, '2026-11-01 00:00:00', 'pending', 0, "
+                           "'2026-11-01 00:00:00', NULL)")
+    engine = make_engine(f"sqlite:///{path}")
+    from plugin.outbox import store as outbox
+
+    [event] = outbox.list_events(engine)
+    assert (event.id, event.uncertain, event.requeues, event.claimed_by, event.first_attempt_at) == (
+        "old", False, 0, None, None)
+    make_engine(f"sqlite:///{path}").dispose()  # a second start finds nothing to add
+    engine.dispose()

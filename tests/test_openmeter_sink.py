@@ -22,7 +22,7 @@ from plugin.sinks.openmeter import (
     without_secret,
 )
 from tests.support.openmeter import OpenMeterServer, run_openmeter
-from tests.support.upstream import free_port
+from tests.support.processes import free_port
 
 TOKEN = "om_test"
 AT = datetime(2025, 3, 4, 5, 6, 7, 890_123, tzinfo=UTC)

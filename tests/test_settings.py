@@ -219,3 +219,70 @@ def test_cache_hit_policy_is_free_by_default_or_a_flat_fee(tmp_path):
     path.write_text('policies:\n  cache_hits: sometimes\n')
     with pytest.raises(ConfigError, match="policies.cache_hits"):
         load_config(path)
+
+
+# ------------------------------------------------------------------ delivery settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ("STRIPE_API_KEY", "METERLINE_SINK", "METERLINE_OPENMETER_URL", "METERLINE_STRIPE_STREAM"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_sink_defaults_to_stripe_only_when_a_stripe_key_is_set(clean_env):
+    from plugin.settings import load_settings
+
+    assert load_settings().sink_name == "none"
+    clean_env.setenv("STRIPE_API_KEY", "sk_test_x")
+    assert load_settings().sink_name == "stripe"
+    clean_env.setenv("METERLINE_SINK", "none")
+    assert load_settings().sink_name == "none"
+
+
+def test_incomplete_sink_settings_are_config_errors(clean_env):
+    from plugin.runtime import build_sink
+    from plugin.settings import load_settings
+
+    clean_env.setenv("METERLINE_SINK", "stripe")
+    with pytest.raises(ConfigError, match="needs STRIPE_API_KEY"):
+        build_sink(load_settings(), MeterlineConfig())
+    clean_env.setenv("METERLINE_SINK", "openmeter")
+    with pytest.raises(ConfigError, match="needs METERLINE_OPENMETER_URL"):
+        build_sink(load_settings(), MeterlineConfig())
+    clean_env.setenv("METERLINE_SINK", "kafka")
+    with pytest.raises(ConfigError, match="METERLINE_SINK"):
+        load_settings()
+
+
+def test_stripe_sink_takes_the_meter_event_name_and_transport_from_config(clean_env):
+    from plugin.runtime import build_sink
+    from plugin.settings import load_settings
+
+    clean_env.setenv("STRIPE_API_KEY", "sk_test_x")
+    clean_env.setenv("METERLINE_STRIPE_STREAM", "1")
+    config = MeterlineConfig.model_validate({"stripe": {"meter_event_name": "tokens_v2"}})
+    sink = build_sink(load_settings(), config)
+    assert (sink.name, sink.config.event_name, sink.max_batch, sink.serial_per_customer) == (
+        "stripe", "tokens_v2", 100, False)
+
+
+def test_bad_relay_tuning_names_the_variable(clean_env):
+    from plugin.settings import load_settings
+
+    clean_env.setenv("METERLINE_RELAY_BATCH", "0")
+    with pytest.raises(ConfigError, match="METERLINE_RELAY_BATCH"):
+        load_settings()
+
+
+def test_plan_prices_and_stripe_section_parse_exactly(tmp_path):
+    config = load_config(write(tmp_path, """
+plans:
+  pro: {included_credits: 10, base_fee_usd: "19.99", overage_usd_per_credit: "0.0015"}
+stripe: {meter_event_name: my_credits, currency: eur}
+"""))
+    assert config.plans["pro"].base_fee_usd == Fraction(1999, 100)
+    assert config.plans["pro"].overage_usd_per_credit == Fraction(15, 10000)
+    assert (config.stripe.meter_event_name, config.stripe.currency) == ("my_credits", "eur")
+    assert "stripe.currency" in refusal(tmp_path, "stripe: {currency: EURO}")

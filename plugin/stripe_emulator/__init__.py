@@ -4,6 +4,7 @@ The unmodified stripe SDK runs against it (``StripeClient(key, base_addresses={"
 "meter_events": URL})``): customers, products, prices (tiered), subscriptions, billing meters, v1
 meter events with Stripe's synchronous rules, v2 meter event sessions and streams with asynchronous
 error reports, invoice previews, signed webhooks, and a control API (``/_emulator/``) to inject
-faults. Modules: `forms` (params), `state` (the account and its rules), `webhooks`, `app` (HTTP),
-`server` (the process). Run it with ``python -m plugin.stripe_emulator --port N``.
+faults. Modules: `forms` (params), `state` (the account, composed of `catalog`, `meter_events`,
+`invoices`, `idempotency` and `faults` over one `store`, with `money`, `clock` and `errors` beneath),
+`webhooks`, `app` (HTTP), `server` (the process). Run it with ``python -m plugin.stripe_emulator --port N``.
 """

@@ -17,7 +17,7 @@ import functools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from plugin.stripe_emulator.catalog import Catalog
@@ -103,7 +103,7 @@ class EmulatorState:
     list_invoices = _forward("invoices", Invoices.list_invoices)
 
     @_synchronized
-    def claim_meter_event_slot(self, raw: dict[str, Any]) -> Slot | None:
+    def claim_meter_event_slot(self, raw: Mapping[str, Any]) -> Slot | None:
         """The v1 customer+meter slot to release after the call; None in lenient mode (see `strict_concurrency`)."""
         return self.meter_events.claim_meter_event_slot(raw) if self.strict_concurrency else None
 

@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -51,9 +50,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.upstream import free_port, stop_process
+from tests.support.processes import free_port, serving
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SINGLE_TYPE = "application/cloudevents+json"
 BATCH_TYPE = "application/cloudevents-batch+json"
 REQUIRED_STRINGS = ("id", "source", "type", "subject", "time")
@@ -320,24 +318,6 @@ class OpenMeterServer:
         self._post("reject", {"ids": list(ids)})
 
 
-def is_healthy(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False  # not listening yet
-
-
-def wait_healthy(server: OpenMeterServer, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"fake OpenMeter exited early with code {server.process.returncode}")
-        if is_healthy(server.base_url):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"fake OpenMeter on port {server.port} not healthy after {timeout} s")
-
-
 @contextmanager
 def run_openmeter(token: str | None = "om_test", port: int | None = None) -> Iterator[OpenMeterServer]:
     """Start the fake OpenMeter as a subprocess, wait until healthy, stop it on exit."""
@@ -345,13 +325,8 @@ def run_openmeter(token: str | None = "om_test", port: int | None = None) -> Ite
     command = [sys.executable, "-m", "tests.support.openmeter", "--port", str(port)]
     if token is not None:
         command += ["--token", token]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    server = OpenMeterServer(port=port, token=token, process=process)
-    try:
-        wait_healthy(server)
-        yield server
-    finally:
-        stop_process(process)
+    with serving(command, f"http://127.0.0.1:{port}/health", "fake OpenMeter") as process:
+        yield OpenMeterServer(port=port, token=token, process=process)
 
 
 def main() -> None:

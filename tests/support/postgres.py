@@ -21,7 +21,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from tests.support.processes import free_port
 
 DB_NAME = "meterline"
 DB_USER = "meterline"
@@ -51,12 +52,6 @@ def pg_bin(name: str) -> str | None:
 def postgres_available() -> bool:
     """True if ``initdb`` and ``pg_ctl`` can be found."""
     return pg_bin("initdb") is not None and pg_bin("pg_ctl") is not None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _as_root() -> bool:
@@ -110,7 +105,7 @@ def running_postgres(base_dir: Path) -> Iterator[str]:
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}\n{init.stderr}")
-        port = _free_port()
+        port = free_port()
         opts = f"{_SERVER_OPTS} -p {port} -k {sockets}"
         start = _run(
             [pg_ctl, "-w", "-t", "30", "-D", str(data), "-l", str(log), "-o", opts, "start"],

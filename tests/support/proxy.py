@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.support.upstream import free_port
+from tests.support.processes import free_port
 
 MASTER_KEY = "sk-test-master-key"
 LITELLM = Path(sys.executable).with_name("litellm")

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import stripe
 
-from tests.support.upstream import REPO_ROOT, free_port, stop_process
+from tests.support.processes import free_port, serving
 
 DEFAULT_API_KEY = "sk_test_meterline"
 
@@ -77,24 +77,6 @@ class StripeEmulator:
         return self._control("POST", "invoices", {"subscription": subscription, "at": at})
 
 
-def _answers(base_url: str) -> bool:
-    try:
-        return httpx.get(f"{base_url}/_emulator/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False  # not listening yet
-
-
-def _wait_answering(emulator: StripeEmulator, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if emulator.process.poll() is not None:
-            raise RuntimeError(f"stripe emulator exited early with code {emulator.process.returncode}")
-        if _answers(emulator.base_url):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"stripe emulator on port {emulator.port} not answering after {timeout} s")
-
-
 @contextmanager
 def run_stripe_emulator(*, webhook_url: str | None = None, webhook_secret: str | None = None,
                         timeout: float = 15.0) -> Iterator[StripeEmulator]:
@@ -103,10 +85,5 @@ def run_stripe_emulator(*, webhook_url: str | None = None, webhook_secret: str |
     command = [sys.executable, "-m", "plugin.stripe_emulator", "--port", str(port)]
     if webhook_url:
         command += ["--webhook-url", webhook_url, "--webhook-secret", webhook_secret or ""]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    emulator = StripeEmulator(port=port, process=process)
-    try:
-        _wait_answering(emulator, timeout)
-        yield emulator
-    finally:
-        stop_process(process)
+    with serving(command, f"http://127.0.0.1:{port}/_emulator/health", "stripe emulator", timeout) as process:
+        yield StripeEmulator(port=port, process=process)

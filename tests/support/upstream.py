@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -49,18 +48,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+
+from tests.support.processes import free_port, serving
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 DIRECTIVE_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms", "word_ms", "cut")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("gpt-4o-mini", "gpt-4o", "broken-model")
 
 
@@ -388,12 +387,6 @@ def make_app() -> Starlette:
 # --------------------------------------------------------------------------- test harness
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Upstream:
     """Handle on a running upstream subprocess."""
@@ -422,45 +415,13 @@ class Upstream:
         httpx.post(f"{self.root_url}/_control/fail_next", json=payload, timeout=5).raise_for_status()
 
 
-def is_healthy(root_url: str) -> bool:
-    try:
-        return httpx.get(f"{root_url}/health", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False  # not listening yet
-
-
-def wait_healthy(upstream: Upstream, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if upstream.process.poll() is not None:
-            raise RuntimeError(f"upstream exited early with code {upstream.process.returncode}")
-        if is_healthy(upstream.root_url):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"upstream on port {upstream.port} not healthy after {timeout} s")
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextmanager
 def run_upstream(port: int | None = None) -> Iterator[Upstream]:
     """Start the upstream as a subprocess, wait until healthy, stop it on exit."""
     port = port or free_port()
     command = [sys.executable, "-m", "tests.support.upstream", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL)
-    upstream = Upstream(port=port, process=process)
-    try:
-        wait_healthy(upstream)
-        yield upstream
-    finally:
-        stop_process(process)
+    with serving(command, f"http://127.0.0.1:{port}/health", "upstream") as process:
+        yield Upstream(port=port, process=process)
 
 
 def main() -> None:
