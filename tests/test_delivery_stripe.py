@@ -31,30 +31,14 @@ from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
 from plugin.outbox import store as outbox
 from plugin.settings import MeterlineConfig
 from plugin.stripe_setup import StripeSetup
-from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy
-from tests.support.stripe_emulator import DEFAULT_API_KEY, StripeEmulator, run_stripe_emulator
+from tests.support.delivery import PRICED_YAML, ask, stripe_env, wait_for
+from tests.support.proxy import MASTER_KEY, run_proxy
+from tests.support.stripe_emulator import StripeEmulator, run_stripe_emulator
 from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.proxy
 
 METERLINE_BIN = str(Path(sys.executable).with_name("meterline"))
-PRICED_YAML = METERLINE_YAML | {
-    "plans": {"pro": {"included_credits": 1000, "base_fee_usd": "20", "overage_usd_per_credit": "0.002"},
-              "free": {"cap_credits": 100}},
-}
-
-
-def ask(text_: str) -> list[dict]:
-    return [{"role": "user", "content": text_}]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def drained(engine) -> bool:
@@ -79,14 +63,6 @@ def assert_exactly_once(emulator: StripeEmulator, engine, customer_ids: list[str
     assert [identifier for identifier, count in counts.items() if count > 1] == []
     assert set(counts) == set(expected), f"missing at Stripe: {sorted(set(expected) - set(counts))[:5]}"
     assert {event["identifier"]: (event["customer"], event["value"]) for event in recorded} == expected
-
-
-def stripe_env(emulator: StripeEmulator, **extra: str) -> dict[str, str]:
-    return {
-        "STRIPE_API_KEY": DEFAULT_API_KEY, "METERLINE_STRIPE_API_BASE": emulator.base_url,
-        "METERLINE_RELAY_POLL_SECONDS": "0.1", "METERLINE_RELAY_RETRY_BASE_SECONDS": "0.1",
-        "METERLINE_RELAY_RETRY_CAP_SECONDS": "0.5", "METERLINE_RELAY_LEASE_SECONDS": "2",
-    } | extra
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import secrets
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+import stripe
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,7 @@ from plugin import __version__, metrics, runtime
 from plugin.ledger.store import as_utc
 from plugin.outbox import store as outbox_store
 from plugin.outbox.retry import Status
+from plugin.stripe_webhooks import meter_error_report
 
 PREFIX = "/meterline/v1"
 
@@ -103,6 +105,30 @@ async def outbox(
             for event in events
         ],
     })
+
+
+@router.post("/stripe/webhook")
+async def stripe_webhook(request: Request, stripe_signature: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """Stripe's webhooks, verified with STRIPE_WEBHOOK_SECRET. Acts on meter error reports (see
+    plugin/stripe_webhooks.py); other events are acknowledged and ignored."""
+    secret = runtime.current().settings.stripe_webhook_secret
+    if not secret:
+        return _error(503, "webhook_not_configured", "Set STRIPE_WEBHOOK_SECRET to receive Stripe webhooks.")
+    payload = await request.body()
+    try:
+        event = stripe.Webhook.construct_event(payload.decode("utf-8", "replace"), stripe_signature or "", secret)
+    except (stripe.SignatureVerificationError, ValueError):
+        return _error(400, "invalid_signature", "The Stripe-Signature header does not match this payload.")
+    report = meter_error_report(event.to_dict())
+    if report is None:
+        return JSONResponse({"received": True, "handled": False})
+    marked = await asyncio.to_thread(
+        outbox_store.record_sink_rejections, runtime.current().engine,
+        [(sample.identifier, sample.reason()) for sample in report.samples],
+        alert_kind="meter_error_report", alert_subject=report.event_id or "-", alert_message=report.alert_message(),
+        now=datetime.now(UTC),
+    )
+    return JSONResponse({"received": True, "handled": True, "dead_letters": marked})
 
 
 class RetryRequest(BaseModel):

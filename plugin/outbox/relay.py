@@ -64,6 +64,8 @@ class RelayOptions:
     poll_seconds: float = 1.0
     alert_age: timedelta = timedelta(minutes=15)
     """Raise an `outbox_stale` alert when the oldest waiting event is older than this."""
+    check_every: timedelta = timedelta(seconds=30)
+    """How often a running relay looks at the queue's age (a query over every undelivered event)."""
     policy: RetryPolicy = RetryPolicy()
 
 
@@ -109,11 +111,14 @@ class Relay:
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Drain, check the queue's age, wait for the poll interval or `stop`; until `stop` is set."""
+        """Drain, check the queue's age now and then, wait for the poll interval or `stop`; until `stop` is set."""
+        next_check = self.clock()
         while not stop.is_set():
             try:
                 await self.drain()
-                await asyncio.to_thread(self.check_staleness)
+                if self.clock() >= next_check:
+                    await asyncio.to_thread(self.check_staleness)
+                    next_check = self.clock() + self.options.check_every
             except Exception:  # the relay must outlive a database or sink hiccup; the error is logged
                 log.exception("relay round failed; retrying in %.1f s", self.options.poll_seconds)
             try:

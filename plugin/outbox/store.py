@@ -18,13 +18,16 @@ from sqlalchemy import Engine, and_, bindparam, exists, func, or_, select, text,
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
-from plugin.ledger.models import Customer, OutboxEvent
+from plugin.ledger.models import Alert, Customer, OutboxEvent
 from plugin.ledger.store import as_utc
 from plugin.outbox.retry import WAITING, Status, Step
 
 _OUTBOX = OutboxEvent.__table__
 _CUSTOMERS = Customer.__table__
+_ALERTS = Alert.__table__
 _ERROR_LIMIT = 500
+UNDELIVERED = tuple(status for status in Status if status != Status.DELIVERED)
+"""Listed with IN, never `!= delivered`: delivered rows pile up forever and only the index skips them."""
 _CLAIM_LOCK = 0x6D74726C  # "mtrl": one Postgres advisory lock id for per-customer claims
 
 
@@ -149,7 +152,7 @@ def list_events(engine: Engine, *, status: str | None = None, customer_id: str |
                 limit: int = 100) -> list[OutboxEvent]:
     """Events, oldest first; `status` None lists every event that has not been delivered."""
     query = select(OutboxEvent).order_by(OutboxEvent.occurred_at, OutboxEvent.id).limit(limit)
-    query = query.where(OutboxEvent.status == status) if status else query.where(OutboxEvent.status != Status.DELIVERED)
+    query = query.where(OutboxEvent.status == status) if status else query.where(OutboxEvent.status.in_(UNDELIVERED))
     if customer_id is not None:
         query = query.where(OutboxEvent.customer_id == customer_id)
     with Session(engine) as session:
@@ -191,6 +194,28 @@ def release_held(engine: Engine, customer_id: str, now: datetime) -> int:
         return connection.execute(statement).rowcount
 
 
+def record_sink_rejections(engine: Engine, rejections: Sequence[tuple[str, str]], *, alert_kind: str,
+                           alert_subject: str, alert_message: str, now: datetime) -> int:
+    """Events the sink accepted and rejected later (Stripe's v2 error reports) become dead letters, and
+    one alert says so; in one transaction. A report delivered twice changes nothing the second time.
+    Returns how many events were marked."""
+    with engine.begin() as connection:
+        seen = connection.execute(
+            select(_ALERTS.c.id).where(_ALERTS.c.kind == alert_kind, _ALERTS.c.subject_id == alert_subject)
+        ).first()
+        if seen is not None:
+            return 0
+        marked = 0
+        for event_id, reason in rejections:
+            marked += connection.execute(
+                update(_OUTBOX).where(_OUTBOX.c.id == event_id, _OUTBOX.c.status != Status.DEAD)
+                .values(status=Status.DEAD, last_error=reason[:_ERROR_LIMIT], lease_until=None, delivered_at=None)
+            ).rowcount
+        connection.execute(_ALERTS.insert(), {"kind": alert_kind, "subject_id": alert_subject, "customer_id": None,
+                                              "message": alert_message, "created_at": now})
+    return marked
+
+
 @dataclass(frozen=True)
 class QueueStats:
     """Queue health: depth per status (delivered excluded: it only grows) and the oldest waiting event."""
@@ -206,9 +231,9 @@ def stats(engine: Engine) -> QueueStats:
     with engine.connect() as connection:
         rows = connection.execute(
             select(_OUTBOX.c.status, func.count(), func.min(_OUTBOX.c.occurred_at))
-            .where(_OUTBOX.c.status != Status.DELIVERED).group_by(_OUTBOX.c.status)
+            .where(_OUTBOX.c.status.in_(UNDELIVERED)).group_by(_OUTBOX.c.status)
         ).all()
-    depth = {status.value: 0 for status in Status if status != Status.DELIVERED}
+    depth = {status.value: 0 for status in UNDELIVERED}
     oldest = None
     for status, count, first in rows:
         depth[status] = int(count)

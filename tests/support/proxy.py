@@ -97,12 +97,12 @@ def proxy_env(workdir: Path, database_url: str, extra: dict[str, str] | None = N
 @contextmanager
 def run_proxy(workdir: Path, upstream_base_url: str, database_url: str, plugin: bool = True,
               meterline_yaml: dict | None = None, timeout: float = 90.0,
-              env: dict[str, str] | None = None) -> Iterator[Proxy]:
+              env: dict[str, str] | None = None, port: int | None = None) -> Iterator[Proxy]:
     """Write the configs into `workdir`, start `litellm --config`, wait for it, stop it after."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "litellm_config.yaml").write_text(yaml.safe_dump(litellm_config(upstream_base_url, plugin)))
     (workdir / "meterline.yaml").write_text(yaml.safe_dump(meterline_yaml or METERLINE_YAML))
-    port = free_port()
+    port = port or free_port()
     with open(workdir / "proxy.log", "wb") as log_file:
         process = subprocess.Popen(
             [str(LITELLM), "--config", str(workdir / "litellm_config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
