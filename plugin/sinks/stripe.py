@@ -13,6 +13,7 @@ Either way Stripe dedupes identifiers for at least 24 hours (`dedupe_window`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -110,6 +111,7 @@ class StripeSink:
         self.serial_per_customer = not config.stream
         self._session_token: str | None = None
         self._session_expires_at = datetime.min.replace(tzinfo=UTC)
+        self._session_lock = asyncio.Lock()  # concurrent batches share one session instead of each making one
 
     async def send(self, events: Sequence[MeterEvent]) -> list[Outcome]:
         now = self.clock()
@@ -146,12 +148,15 @@ class StripeSink:
             return classify_error(error)
         return DELIVERED
 
-    async def _session(self, *, renew: bool = False) -> str:
-        if renew or self._session_token is None or self.clock() >= self._session_expires_at - _SESSION_MARGIN:
-            session = await self.client.v2.billing.meter_event_session.create_async()
-            self._session_token = session.authentication_token
-            self._session_expires_at = _as_datetime(session.expires_at)
-        return self._session_token
+    async def _session(self, *, refused: str | None = None) -> str:
+        """A live session token; a new one when none is held, it is about to expire, or `refused` was refused."""
+        async with self._session_lock:
+            stale = self._session_token is None or self._session_token == refused
+            if stale or self.clock() >= self._session_expires_at - _SESSION_MARGIN:
+                session = await self.client.v2.billing.meter_event_session.create_async()
+                self._session_token = session.authentication_token
+                self._session_expires_at = _as_datetime(session.expires_at)
+            return self._session_token
 
     async def _send_stream(self, events: Sequence[MeterEvent]) -> list[Outcome]:
         body = {"events": [
@@ -161,14 +166,12 @@ class StripeSink:
             for event in events
         ]}
         try:
-            for renew in (False, True):
-                token = await self._session(renew=renew)
-                try:
-                    await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
-                    break
-                except stripe.AuthenticationError:
-                    if renew:
-                        raise  # a fresh session refused too: a real auth problem
+            token = await self._session()
+            try:
+                await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
+            except stripe.AuthenticationError:  # the session expired early: once more with a new one
+                token = await self._session(refused=token)
+                await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
         except stripe.StripeError as error:
             return [classify_error(error)] * len(events)
         return [DELIVERED] * len(events)
