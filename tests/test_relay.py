@@ -191,3 +191,25 @@ async def test_run_stops_when_told(engine):
     stop.set()
     await asyncio.wait_for(task, timeout=5)
     assert len(sink.received) == 5
+
+
+async def test_run_stops_between_batches_even_while_events_keep_coming(engine):
+    """A busy proxy keeps the outbox full: stopping must not wait for it to empty."""
+    put(engine, 5)
+
+    class Endless(ScriptedSink):
+        async def send(self, events):
+            put(engine, 1, prefix=f"more-{len(self.calls)}")  # every call brings a new event
+            return await super().send(events)
+
+    sink = Endless()
+    worker = relay(engine, sink, Clock(), batch=1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    for _ in range(200):
+        if len(sink.calls) >= 20:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
+    assert len(sink.calls) >= 20 and store.stats(engine).depth["pending"] >= 1

@@ -97,10 +97,7 @@ class Relay:
         report = DrainReport(claimed=len(claimed), statuses=Counter(step.status.value for _, step in steps))
         if self.on_outcomes is not None:
             self.on_outcomes(self.sink.name, [step for _, step in steps])
-        for event, step in steps:
-            if step.status in (Status.DEAD, Status.UNKNOWN):
-                log.warning("outbox event %s (customer %s) is %s: %s", event.id, event.customer_id, step.status,
-                            step.reason)
+        _log_problems(steps)
         return report
 
     async def drain(self) -> DrainReport:
@@ -111,16 +108,21 @@ class Relay:
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Drain, check the queue's age now and then, wait for the poll interval or `stop`; until `stop` is set."""
+        """Until `stop` is set: send batch after batch while events are due, look at the queue's age now
+        and then, and wait for the poll interval (or `stop`) when nothing is due. `stop` is checked
+        between batches, so a busy proxy's relay still stops promptly."""
         next_check = self.clock()
         while not stop.is_set():
+            busy = False
             try:
-                await self.drain()
+                busy = (await self.drain_once()).claimed > 0
                 if self.clock() >= next_check:
                     await asyncio.to_thread(self.check_staleness)
                     next_check = self.clock() + self.options.check_every
             except Exception:  # the relay must outlive a database or sink hiccup; the error is logged
                 log.exception("relay round failed; retrying in %.1f s", self.options.poll_seconds)
+            if busy:
+                continue
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.options.poll_seconds)
             except TimeoutError:
@@ -195,6 +197,16 @@ class Relay:
         except Exception as error:  # a sink bug must not strand the batch: retry it, as possibly sent
             log.exception("sink %s failed on a batch of %d", self.sink.name, len(events))
             return [Outcome(OutcomeKind.RETRY, f"sink error: {error.__class__.__name__}", uncertain=True)] * len(events)
+
+
+def _log_problems(steps: Sequence[tuple[Claimed, Step]]) -> None:
+    """One warning per distinct problem in a batch, not one per event: a bad key dead-letters thousands."""
+    problems: dict[tuple[Status, str], list[str]] = defaultdict(list)
+    for event, step in steps:
+        if step.status in (Status.DEAD, Status.UNKNOWN):
+            problems[(step.status, step.reason)].append(event.id)
+    for (status, reason), ids in problems.items():
+        log.warning("%d outbox event(s) are %s (e.g. %s): %s", len(ids), status, ids[0], reason)
 
 
 class RelayThread:
