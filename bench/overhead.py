@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import sys
@@ -29,7 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugin.ledger import store  # noqa: E402
 from plugin.ledger.store import make_engine  # noqa: E402
+from plugin.settings import MeterlineConfig  # noqa: E402
+from plugin.stripe_setup import StripeSetup  # noqa: E402
+from tests.support.delivery import PRICED_YAML, stripe_env  # noqa: E402
 from tests.support.proxy import MASTER_KEY, run_proxy  # noqa: E402
+from tests.support.stripe_emulator import run_stripe_emulator  # noqa: E402
 from tests.support.upstream import run_upstream  # noqa: E402
 
 BODY = {"model": "test-model", "messages": [{"role": "user", "content": "bench [[p=40 c=8]]"}], "user": "bench"}
@@ -139,15 +144,27 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--load-requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--deliver", choices=("v1", "v2"), default=None,
+                        help="the plugin-on proxy's relay also delivers meter events to the Stripe emulator, "
+                             "with v1 meter events or the v2 stream")
     args = parser.parse_args()
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-    with tempfile.TemporaryDirectory(prefix="meterline-bench-") as tmp, run_upstream() as upstream:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="meterline-bench-"))
+        upstream = stack.enter_context(run_upstream())
         work = Path(tmp)
         url = f"sqlite:///{work / 'ledger.db'}"
         engine = make_engine(url)
-        store.add_customer(engine, "bench", "pro")
+        env, stripe_id, emulator = {}, None, None
+        if args.deliver:
+            emulator = stack.enter_context(run_stripe_emulator())
+            StripeSetup(emulator.client(), MeterlineConfig.model_validate(PRICED_YAML)).run()
+            stripe_id = emulator.client().v1.customers.create({"name": "bench"}).id
+            env = stripe_env(emulator) | {"METERLINE_RELAY_POLL_SECONDS": "0.5",
+                                          "METERLINE_STRIPE_STREAM": "1" if args.deliver == "v2" else "0"}
+        store.add_customer(engine, "bench", "pro", stripe_id)
         _, key = store.create_key(engine, "bench")
-        with run_proxy(work / "on", upstream.base_url, url) as plugin_on, \
+        with run_proxy(work / "on", upstream.base_url, url, env=env) as plugin_on, \
                 run_proxy(work / "off", upstream.base_url, url, plugin=False) as plugin_off:
             sides = {
                 "on": {"url": plugin_on.base_url, "key": key, "pid": plugin_on.process.pid},
@@ -155,8 +172,11 @@ def main() -> None:
             }
             results = asyncio.run(measure(sides, args))
         billed = sum(1 for _ in store.ledger_rows(engine, "bench"))
+        delivered = len(emulator.meter_events()) if emulator else None
     print(report(results, args))
     print(f"\nledger rows written by the plugin-on proxy: {billed} (expected {results['on']['requests'] + 20})")
+    if delivered is not None:
+        print(f"meter events at the Stripe emulator by the end of the run: {delivered}")
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ def cmd_stripe_subscribe(args, out: TextIO) -> None:
         outbox_store.release_held(meterline.engine, customer.id, datetime.now(UTC))
         print(f"customer {customer.id} created at Stripe as {stripe_id}", file=out)
     subscription, action = setup.subscribe(customer.plan, stripe_id, plan_prices)
-    print(f"subscription {subscription} {'created' if action == 'created' else 'already in place'} for "
-          f"{customer.id} on plan {customer.plan}", file=out)
+    done = {"created": "created", "attached": "now carries the plan's prices", "exists": "already in place"}[action]
+    print(f"subscription {subscription} {done} for {customer.id} on plan {customer.plan}", file=out)
 
 
 def cmd_stripe_emulator(args, out: TextIO) -> None:

@@ -27,8 +27,8 @@ from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, P
 from plugin.sinks.base import Sink
 from plugin.sinks.stripe import StripeConfig, StripeSink
 from plugin.settings import (
-    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings, WeightsConfig, config_path,
-    load_config, load_settings,
+    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings,
+    WeightsConfig, config_path, load_config, load_settings,
 )
 
 

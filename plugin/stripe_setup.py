@@ -202,18 +202,31 @@ class StripeSetup:
         return [(spec, prices[spec.lookup_key]) for spec in specs]
 
     def subscribe(self, plan: str, stripe_customer_id: str, plan_prices: list[tuple[PriceSpec, stripe.Price]] | None = None,
-                  ) -> tuple[str, Literal["exists", "created"]]:
-        """Make sure the customer has a subscription with its plan's prices; returns (subscription id, action)."""
+                  ) -> tuple[str, Literal["exists", "attached", "created"]]:
+        """Make sure the customer's subscription carries its plan's prices: attach the missing ones to its
+        live subscription if it has one (it may already pay for other things), else create one.
+        Returns (subscription id, what was done)."""
         plan_prices = plan_prices or self.plan_prices(plan)
-        wanted = {price.id for _, price in plan_prices}
-        subscriptions = self.client.v1.subscriptions.list({"customer": stripe_customer_id, "limit": 100})
-        for subscription in subscriptions.auto_paging_iter():
-            if subscription.status in ("active", "trialing", "past_due") and wanted <= {
-                item.price.id for item in subscription["items"].data
-            }:
-                return subscription.id, "exists"
-        items = [{"price": price.id} | ({"quantity": 1} if spec.kind == "base" else {}) for spec, price in plan_prices]
+        live = [
+            subscription for subscription in self.client.v1.subscriptions.list(
+                {"customer": stripe_customer_id, "limit": 100}).auto_paging_iter()
+            if subscription.status in ("active", "trialing", "past_due")
+        ]
+        if live:
+            subscription = live[0]
+            present = {item.price.id for item in subscription["items"].data}
+            missing = [(spec, price) for spec, price in plan_prices if price.id not in present]
+            for spec, price in missing:
+                self.client.v1.subscription_items.create(
+                    {"subscription": subscription.id, "price": price.id} | _quantity(spec))
+            return subscription.id, "attached" if missing else "exists"
+        items = [{"price": price.id} | _quantity(spec) for spec, price in plan_prices]
         subscription = self.client.v1.subscriptions.create({
             "customer": stripe_customer_id, "items": items, "metadata": {"meterline_plan": plan},
         })
         return subscription.id, "created"
+
+
+def _quantity(spec: PriceSpec) -> dict[str, int]:
+    """Metered prices take no quantity; the flat base price is one per month."""
+    return {"quantity": 1} if spec.kind == "base" else {}

@@ -158,3 +158,20 @@ def test_demo_sets_up_stripe_and_survives_an_emulator_restart(cli, emulator, tmp
     assert cli("demo", "--key-file", str(tmp_path / "key"))[0] == 0
     second = store.get_customer(runtime.current().engine, "demo-customer").stripe_customer_id
     assert second != first and emulator.client().v1.subscriptions.list({"customer": second}).data
+
+
+def test_subscribe_attaches_the_plan_prices_to_a_subscription_the_customer_already_has(cli, emulator):
+    assert cli("stripe", "setup")[0] == 0
+    client = emulator.client()
+    other_product = client.v1.products.create({"name": "support plan"})
+    support = client.v1.prices.create({"product": other_product.id, "currency": "usd", "unit_amount": 5000,
+                                       "recurring": {"interval": "month"}})
+    stripe_id = client.v1.customers.create({"name": "existing"}).id
+    existing = client.v1.subscriptions.create({"customer": stripe_id, "items": [{"price": support.id}]})
+    assert cli("customers", "add", "existing", "--plan", "pro", "--stripe-customer", stripe_id)[0] == 0
+    code, out, _ = cli("stripe", "subscribe", "existing")
+    assert code == 0 and f"subscription {existing.id} now carries the plan's prices" in out
+    [subscription] = client.v1.subscriptions.list({"customer": stripe_id}).data
+    lookup_keys = {item.price.lookup_key for item in subscription["items"].data}
+    assert lookup_keys == {None, "meterline_pro_usage", "meterline_pro_base"}
+    assert "already in place" in cli("stripe", "subscribe", "existing")[1]

@@ -108,20 +108,23 @@ class Relay:
         return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop` is set: send batch after batch while events are due, look at the queue's age now
-        and then, and wait for the poll interval (or `stop`) when nothing is due. `stop` is checked
-        between batches, so a busy proxy's relay still stops promptly."""
+        """Until `stop` is set: send batch after batch while there is a backlog (a full claim), look at the
+        queue's age now and then, and otherwise wait for the poll interval (or `stop`).
+
+        Waiting after a partial claim is what batches a steady trickle: chasing each new event the
+        moment it is written would cost a claim, a sink call and a record per request, in the proxy's
+        own process. `stop` is checked between batches, so a busy relay still stops promptly."""
         next_check = self.clock()
         while not stop.is_set():
-            busy = False
+            backlog = False
             try:
-                busy = (await self.drain_once()).claimed > 0
+                backlog = (await self.drain_once()).claimed >= self.options.batch
                 if self.clock() >= next_check:
                     await asyncio.to_thread(self.check_staleness)
                     next_check = self.clock() + self.options.check_every
             except Exception:  # the relay must outlive a database or sink hiccup; the error is logged
                 log.exception("relay round failed; retrying in %.1f s", self.options.poll_seconds)
-            if busy:
+            if backlog:
                 continue
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.options.poll_seconds)

@@ -198,6 +198,7 @@ STRIPE_ROUTES = [
     ("POST", "/v1/subscriptions", Operation(lambda state, params, _: state.create_subscription(params))),
     ("GET", "/v1/subscriptions", Operation(lambda state, params, _: state.list_subscriptions(params))),
     ("GET", "/v1/subscriptions/{id}", Operation(_retrieve("subscription"))),
+    ("POST", "/v1/subscription_items", Operation(lambda state, params, _: state.create_subscription_item(params))),
     ("POST", "/v1/billing/meters", Operation(lambda state, params, _: state.create_meter(params))),
     ("GET", "/v1/billing/meters", Operation(lambda state, params, _: state.list_meters(params))),
     ("GET", "/v1/billing/meters/{id}", Operation(_retrieve("meter"))),

@@ -149,10 +149,7 @@ class Catalog:
         items = [self._subscription_item(item, subscription_id, now)
                  for item in params.children("items", required=True)]
         prices = [item["price"] for item in items]
-        if len({price["currency"] for price in prices}) > 1:
-            raise InvalidParam("All prices on a subscription must have the same currency.", "items")
-        if len({price["id"] for price in prices}) < len(prices):
-            raise InvalidParam("Cannot add multiple subscription items with the same price.", "items")
+        _check_item_prices(prices, "items")
         subscription = self.store.add("subscription", {
             "id": subscription_id, "object": "subscription", "created": now, "livemode": False,
             "customer": customer_id, "status": "active", "currency": prices[0]["currency"],
@@ -166,8 +163,20 @@ class Catalog:
         })
         return self.with_current_period(subscription)
 
-    def _subscription_item(self, item: Params, subscription_id: str, now: int) -> dict[str, Any]:
-        item.only("price", "quantity", "metadata")
+    def create_subscription_item(self, params: Params) -> dict[str, Any]:
+        """`POST /v1/subscription_items`: add a price to an existing subscription."""
+        subscription = self.store.get("subscription", params.text("subscription", required=True), param="subscription")
+        item = self._subscription_item(params, subscription["id"], self.store.now(), also=("subscription",))
+        _check_item_prices([existing["price"] for existing in subscription["items"]["data"]] + [item["price"]],
+                           "price")
+        subscription["items"]["data"].append(item)
+        subscription["items"]["total_count"] = len(subscription["items"]["data"])
+        start, end = month_period(self.store.clock())
+        return {**item, "current_period_start": start, "current_period_end": end}
+
+    def _subscription_item(self, item: Params, subscription_id: str, now: int, also: tuple[str, ...] = ()
+                           ) -> dict[str, Any]:
+        item.only("price", "quantity", "metadata", *also)
         price = self.store.get("price", item.text("price", required=True), param=item.name("price"))
         if price["recurring"] is None:
             raise InvalidParam(f"The price specified ({price['id']}) is not recurring.", item.name("price"))
@@ -318,3 +327,11 @@ def _tier(tier: Params) -> dict[str, Any]:
         raise InvalidParam("Each tier needs unit_amount(_decimal) or flat_amount(_decimal).", tier.name("unit_amount"),
                            "parameter_missing")
     return fields
+
+
+def _check_item_prices(prices: list[dict[str, Any]], param: str) -> None:
+    """Stripe's rules for the prices of one subscription: one currency, each price once."""
+    if len({price["currency"] for price in prices}) > 1:
+        raise InvalidParam("All prices on a subscription must have the same currency.", param)
+    if len({price["id"] for price in prices}) < len(prices):
+        raise InvalidParam("Cannot add multiple subscription items with the same price.", param)

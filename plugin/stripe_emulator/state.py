@@ -85,6 +85,7 @@ class EmulatorState:
     create_price = _forward("catalog", Catalog.create_price)
     list_prices = _forward("catalog", Catalog.list_prices)
     create_subscription = _forward("catalog", Catalog.create_subscription)
+    create_subscription_item = _forward("catalog", Catalog.create_subscription_item)
     list_subscriptions = _forward("catalog", Catalog.list_subscriptions)
     create_meter = _forward("catalog", Catalog.create_meter)
     set_meter_active = _forward("catalog", Catalog.set_meter_active)
