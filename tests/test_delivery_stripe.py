@@ -170,8 +170,19 @@ def test_operator_api_shows_the_queue_and_metrics(delivering, emulator):
     assert retried.json() == {"requeued": 1}
     wait_for(lambda: drained(engine), what="the re-queued event")
     assert_exactly_once(emulator, engine, ["api-dead"])
-    bad = httpx.post(proxy.base_url + "/meterline/v1/outbox/retry", json={}, headers=master)
+    retry = proxy.base_url + "/meterline/v1/outbox/retry"
+    bad = httpx.post(retry, json={}, headers=master)
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_request"
+    for body, message in (({"ids": 5}, "ids: Input should be a valid list"),
+                          ({"ids": ["x"], "everything": True}, "everything: Extra inputs are not permitted")):
+        answer = httpx.post(retry, json=body, headers=master)
+        assert answer.status_code == 422
+        assert answer.json() == {"error": {"message": message, "type": "invalid_request", "param": message.split(":")[0],
+                                           "code": "422"}}
+    garbled = httpx.post(retry, content=b"{not json", headers=master | {"Content-Type": "application/json"})
+    assert garbled.json()["error"]["message"] == "The request body is not valid JSON."
+    bad_query = httpx.get(proxy.base_url + "/meterline/v1/outbox", params={"limit": 0}, headers=master)
+    assert bad_query.status_code == 422 and bad_query.json()["error"]["param"] == "limit"
 
 
 # ------------------------------------------------------------------ relay workers as processes

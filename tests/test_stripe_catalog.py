@@ -52,9 +52,10 @@ def test_stripe_errors_are_classified(error, kind, uncertain):
     assert "\n" not in outcome.reason and outcome.reason.startswith("stripe ")
 
 
-def test_retry_after_is_taken_from_a_429():
-    error = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": "7"})
-    assert classify_error(error).retry_after == 7.0
+@pytest.mark.parametrize(("header", "seconds"), [("7", 7.0), ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("", None)])
+def test_retry_after_is_taken_from_a_429_when_given_in_seconds(header, seconds):
+    error = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": header})
+    assert classify_error(error).retry_after == seconds
 
 
 @pytest.mark.parametrize(("age", "refused"), [

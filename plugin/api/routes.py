@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 import stripe
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,15 +25,37 @@ from plugin.stripe_webhooks import meter_error_report
 
 PREFIX = "/meterline/v1"
 
-router = APIRouter(prefix=PREFIX, tags=["meterline"])
 
-
-def _error(status: int, reason: str, message: str) -> JSONResponse:
+def _error(status: int, reason: str, message: str, param: str | None = None) -> JSONResponse:
     """OpenAI-shaped, like every other error the proxy gives (DESIGN "Contract: errors")."""
     return JSONResponse(
-        {"error": {"message": message, "type": reason, "param": None, "code": str(status)}},
+        {"error": {"message": message, "type": reason, "param": param, "code": str(status)}},
         status_code=status, headers={"x-meterline-error": reason},
     )
+
+
+class OpenAIShapedRoute(APIRoute):
+    """Answers invalid input (a bad body or query) with an OpenAI-shaped 422 instead of FastAPI's
+    `{"detail": [...]}`. Done per route because exception handlers cannot be added to LiteLLM's
+    app once it is serving, which is when meterline is loaded."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_or_refuse(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except RequestValidationError as invalid:
+                first = invalid.errors()[0]
+                if first.get("type") == "json_invalid":
+                    return _error(422, "invalid_request", "The request body is not valid JSON.")
+                where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
+                return _error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid value')}", param=where)
+
+        return handle_or_refuse
+
+
+router = APIRouter(prefix=PREFIX, tags=["meterline"], route_class=OpenAIShapedRoute)
 
 
 def operator_refusal(authorization: str | None) -> JSONResponse | None:

@@ -22,14 +22,14 @@ import aiohttp
 import httpx
 import stripe
 
-from plugin.sinks.base import DELIVERED, DUPLICATE, MeterEvent, Outcome, OutcomeKind
+from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind
 
 PAST_WINDOW = timedelta(days=35)
 FUTURE_WINDOW = timedelta(minutes=5)
 STREAM_BATCH = 100
 _SESSION_MARGIN = timedelta(seconds=60)
 # Transport errors raised before a single byte of the request went out: resending is certainly safe.
-# (aiohttp is what the relay uses; httpx is the SDK's default, used by `stripe setup`-style callers.)
+# (aiohttp is the sink's own client; httpx is the SDK's default, for a StripeClient handed in.)
 _NOT_SENT = (aiohttp.ClientConnectorError, httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
@@ -48,6 +48,14 @@ def idempotency_key(event: MeterEvent) -> str:
     return event.identifier if event.requeues == 0 else f"{event.identifier}:requeue-{event.requeues}"
 
 
+def _seconds(value: str | None) -> float | None:
+    """A Retry-After given in seconds; None when absent or in another form (the backoff applies then)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
 def _one_line(message: str | None, limit: int = 300) -> str:
     return " ".join((message or "").split())[:limit]
 
@@ -62,8 +70,7 @@ def classify_error(error: stripe.StripeError) -> Outcome:
     if code == "resource_already_exists":
         return Outcome(OutcomeKind.DUPLICATE, reason)
     if status == 429 or isinstance(error, stripe.RateLimitError):
-        retry_after = (error.headers or {}).get("Retry-After")
-        return Outcome(OutcomeKind.RETRY, reason, retry_after=float(retry_after) if retry_after else None)
+        return Outcome(OutcomeKind.RETRY, reason, retry_after=_seconds((error.headers or {}).get("Retry-After")))
     if status == 409 or status is None or status >= 500:
         # 409: a concurrent request with the same idempotency key is still running: it may land.
         return Outcome(OutcomeKind.RETRY, reason, uncertain=True)
@@ -187,5 +194,3 @@ def _as_datetime(value: object) -> datetime:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
 
-
-__all__ = ["DUPLICATE", "StripeConfig", "StripeSink", "classify_error", "outside_window"]
