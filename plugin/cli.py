@@ -86,10 +86,21 @@ def cmd_customers_list(args, out: TextIO) -> None:
         print(f"{customer.id}\t{customer.plan}\t{customer.stripe_customer_id or '-'}", file=out)
 
 
+def _link_stripe(engine, customer_id: str, stripe_customer_id: str) -> int:
+    """Record a customer's Stripe id and make its held meter events due; returns how many were held."""
+    store.set_stripe_customer(engine, customer_id, stripe_customer_id)
+    return outbox_store.release_held(engine, customer_id, datetime.now(UTC))
+
+
+def _new_stripe_customer(engine, setup: StripeSetup, customer_id: str) -> str:
+    """Create the customer at Stripe and link it; returns its Stripe id."""
+    created = setup.client.v1.customers.create({"name": customer_id, "metadata": {"meterline_customer_id": customer_id}})
+    _link_stripe(engine, customer_id, created.id)
+    return created.id
+
+
 def cmd_customers_set_stripe(args, out: TextIO) -> None:
-    engine = runtime.current().engine
-    store.set_stripe_customer(engine, args.customer_id, args.stripe_customer)
-    released = outbox_store.release_held(engine, args.customer_id, datetime.now(UTC))
+    released = _link_stripe(runtime.current().engine, args.customer_id, args.stripe_customer)
     print(f"customer {args.customer_id} is {args.stripe_customer} at Stripe; "
           f"{released} held meter event(s) queued for delivery", file=out)
 
@@ -252,11 +263,7 @@ def cmd_stripe_subscribe(args, out: TextIO) -> None:
     plan_prices = setup.plan_prices(customer.plan)  # refuse before creating anything at Stripe
     stripe_id = customer.stripe_customer_id
     if stripe_id is None:
-        created = setup.client.v1.customers.create({"name": customer.id,
-                                                    "metadata": {"meterline_customer_id": customer.id}})
-        stripe_id = created.id
-        store.set_stripe_customer(meterline.engine, customer.id, stripe_id)
-        outbox_store.release_held(meterline.engine, customer.id, datetime.now(UTC))
+        stripe_id = _new_stripe_customer(meterline.engine, setup, customer.id)
         print(f"customer {customer.id} created at Stripe as {stripe_id}", file=out)
     subscription, action = setup.subscribe(customer.plan, stripe_id, plan_prices)
     done = {"created": "created", "attached": "now carries the plan's prices", "exists": "already in place"}[action]
@@ -330,9 +337,7 @@ def _demo_stripe(meterline: runtime.Meterline, customer_id: str, out: TextIO) ->
         except stripe.InvalidRequestError:
             stripe_id = None
     if stripe_id is None:
-        stripe_id = setup.client.v1.customers.create({"name": customer_id}).id
-        store.set_stripe_customer(meterline.engine, customer_id, stripe_id)
-        outbox_store.release_held(meterline.engine, customer_id, datetime.now(UTC))
+        stripe_id = _new_stripe_customer(meterline.engine, setup, customer_id)
     setup.subscribe(customer.plan, stripe_id)
     base = meterline.settings.stripe_api_base or "https://api.stripe.com"
     return f"""

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, Sink
+from plugin.sinks.base import retry_after_seconds
 from plugin.sinks.openmeter import (
     BATCH_TYPE,
     SINGLE_TYPE,
@@ -17,7 +18,6 @@ from plugin.sinks.openmeter import (
     classify,
     cloud_event,
     encode,
-    retry_after_seconds,
     transport_outcome,
     without_secret,
 )

@@ -52,10 +52,11 @@ def test_stripe_errors_are_classified(error, kind, uncertain):
     assert "\n" not in outcome.reason and outcome.reason.startswith("stripe ")
 
 
-@pytest.mark.parametrize(("header", "seconds"), [("7", 7.0), ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("", None)])
-def test_retry_after_is_taken_from_a_429_when_given_in_seconds(header, seconds):
+@pytest.mark.parametrize(("header", "seconds"), [("7", 7.0), ("Tue, 24 Nov 2026 12:00:30 GMT", 30.0), ("", None),
+                                                ("soon", None)])
+def test_retry_after_is_taken_from_a_429(header, seconds):
     error = stripe.RateLimitError("slow down", http_status=429, headers={"Retry-After": header})
-    assert classify_error(error).retry_after == seconds
+    assert classify_error(error, NOW).retry_after == seconds
 
 
 @pytest.mark.parametrize(("age", "refused"), [

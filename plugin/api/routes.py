@@ -151,7 +151,6 @@ async def stripe_webhook(request: Request, stripe_signature: Annotated[str | Non
         outbox_store.record_sink_rejections, runtime.current().engine,
         [(sample.identifier, sample.reason()) for sample in report.samples],
         alert_kind="meter_error_report", alert_subject=report.event_id or "-", alert_message=report.alert_message(),
-        now=datetime.now(UTC),
     )
     return JSONResponse({"received": True, "handled": True, "dead_letters": marked})
 

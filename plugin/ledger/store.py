@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, event, func, inspect, select, text
+from sqlalchemy import Connection, Engine, event, func, inspect, select, text
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -61,6 +61,8 @@ def _add_missing_columns(engine: Engine) -> None:
             continue
         present = {column["name"] for column in inspector.get_columns(table.name)}
         missing = [column for column in table.columns if column.name not in present]
+        if not missing:
+            continue
         with engine.begin() as connection:
             for column in missing:
                 definition = CreateColumn(column).compile(dialect=engine.dialect)
@@ -255,8 +257,19 @@ def list_outbox_ids(engine: Engine, customer_id: str | None = None) -> list[str]
 def add_alert(engine: Engine, kind: str, message: str, *, customer_id: str | None = None,
               subject_id: str | None = None) -> None:
     with engine.begin() as connection:
-        connection.execute(_ALERTS.insert(), {"kind": kind, "customer_id": customer_id, "subject_id": subject_id,
-                                              "message": message, "created_at": utcnow()})
+        insert_alert(connection, kind, message, customer_id=customer_id, subject_id=subject_id)
+
+
+def insert_alert(connection: Connection, kind: str, message: str, *, customer_id: str | None = None,
+                 subject_id: str | None = None) -> None:
+    """An alert, inside the caller's transaction (so it lands with what it reports, or not at all)."""
+    connection.execute(_ALERTS.insert(), {"kind": kind, "customer_id": customer_id, "subject_id": subject_id,
+                                          "message": message, "created_at": utcnow()})
+
+
+def has_alert(connection: Connection, kind: str, subject_id: str) -> bool:
+    query = select(_ALERTS.c.id).where(_ALERTS.c.kind == kind, _ALERTS.c.subject_id == subject_id)
+    return connection.execute(query).first() is not None
 
 
 def list_alerts(engine: Engine, kind: str | None = None) -> list[Alert]:

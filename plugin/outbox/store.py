@@ -18,13 +18,12 @@ from sqlalchemy import Engine, and_, bindparam, exists, func, or_, select, text,
 from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
-from plugin.ledger.models import Alert, Customer, OutboxEvent
-from plugin.ledger.store import as_utc
+from plugin.ledger.models import Customer, OutboxEvent
+from plugin.ledger.store import as_utc, has_alert, insert_alert
 from plugin.outbox.retry import WAITING, Status, Step
 
 _OUTBOX = OutboxEvent.__table__
 _CUSTOMERS = Customer.__table__
-_ALERTS = Alert.__table__
 _ERROR_LIMIT = 500
 UNDELIVERED = tuple(status for status in Status if status != Status.DELIVERED)
 """Listed with IN, never `!= delivered`: delivered rows pile up forever and only the index skips them."""
@@ -195,15 +194,12 @@ def release_held(engine: Engine, customer_id: str, now: datetime) -> int:
 
 
 def record_sink_rejections(engine: Engine, rejections: Sequence[tuple[str, str]], *, alert_kind: str,
-                           alert_subject: str, alert_message: str, now: datetime) -> int:
+                           alert_subject: str, alert_message: str) -> int:
     """Events the sink accepted and rejected later (Stripe's v2 error reports) become dead letters, and
     one alert says so; in one transaction. A report delivered twice changes nothing the second time.
     Returns how many events were marked."""
     with engine.begin() as connection:
-        seen = connection.execute(
-            select(_ALERTS.c.id).where(_ALERTS.c.kind == alert_kind, _ALERTS.c.subject_id == alert_subject)
-        ).first()
-        if seen is not None:
+        if has_alert(connection, alert_kind, alert_subject):
             return 0
         marked = 0
         for event_id, reason in rejections:
@@ -211,8 +207,7 @@ def record_sink_rejections(engine: Engine, rejections: Sequence[tuple[str, str]]
                 update(_OUTBOX).where(_OUTBOX.c.id == event_id, _OUTBOX.c.status != Status.DEAD)
                 .values(status=Status.DEAD, last_error=reason[:_ERROR_LIMIT], lease_until=None, delivered_at=None)
             ).rowcount
-        connection.execute(_ALERTS.insert(), {"kind": alert_kind, "subject_id": alert_subject, "customer_id": None,
-                                              "message": alert_message, "created_at": now})
+        insert_alert(connection, alert_kind, alert_message, subject_id=alert_subject)
     return marked
 
 

@@ -7,11 +7,16 @@ that is `plugin.outbox.retry`, a pure function of these outcomes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Protocol
+
+REASON_LIMIT = 300
+WHITESPACE = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,34 @@ class Sink(Protocol):
     async def aclose(self) -> None:
         """Release connections."""
         ...
+
+
+# ---------------------------------------------------------------- helpers for sinks (pure)
+
+
+def one_line(text: str, limit: int = REASON_LIMIT) -> str:
+    """Collapse whitespace and cut to `limit` characters: reasons land in one log line and one DB column."""
+    flat = WHITESPACE.sub(" ", text).strip()
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def retry_after_seconds(value: str | None, now: datetime | None) -> float | None:
+    """Retry-After as seconds: delta-seconds, or an HTTP date when `now` is known; None if absent or garbled."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        if now is None:
+            return None
+        try:
+            moment = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - now).total_seconds()
+    if seconds != seconds or seconds == float("inf"):  # NaN or infinity: garbled
+        return None
+    return max(seconds, 0.0)

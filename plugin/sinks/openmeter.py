@@ -18,25 +18,21 @@ from __future__ import annotations
 
 import http
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind
+from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, one_line, retry_after_seconds
 
 SINGLE_TYPE = "application/cloudevents+json"
 BATCH_TYPE = "application/cloudevents-batch+json"
 BATCH_REFUSED = frozenset({400, 413})
 """Statuses that refuse a whole batch for what may be one event's fault: worth splitting."""
-REASON_LIMIT = 300
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 """Transport failures that happen before a single byte of the request left: a resend cannot double-count."""
-WHITESPACE = re.compile(r"\s+")
 
 
 # --------------------------------------------------------------------------- pure: events
@@ -81,38 +77,10 @@ def encode(cloud_events: Sequence[dict[str, Any]]) -> tuple[bytes, str]:
 # --------------------------------------------------------------------------- pure: answers
 
 
-def one_line(text: str, limit: int = REASON_LIMIT) -> str:
-    """Collapse whitespace and cut to `limit` characters: reasons land in one log line and one DB column."""
-    flat = WHITESPACE.sub(" ", text).strip()
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
-
-
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """A header by case-insensitive name, from httpx headers or a plain dict."""
     wanted = name.lower()
     return next((value for key, value in headers.items() if key.lower() == wanted), None)
-
-
-def retry_after_seconds(value: str | None, now: datetime | None) -> float | None:
-    """Retry-After as seconds: delta-seconds, or an HTTP date when `now` is known; None if absent or garbled."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        if now is None:
-            return None
-        try:
-            moment = parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = (moment - now).total_seconds()
-    if seconds != seconds or seconds == float("inf"):  # NaN or infinity: garbled
-        return None
-    return max(seconds, 0.0)
 
 
 def problem_text(status: int, body: bytes | str) -> str:

@@ -22,7 +22,7 @@ import aiohttp
 import httpx
 import stripe
 
-from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind
+from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, one_line, retry_after_seconds
 
 PAST_WINDOW = timedelta(days=35)
 FUTURE_WINDOW = timedelta(minutes=5)
@@ -48,29 +48,18 @@ def idempotency_key(event: MeterEvent) -> str:
     return event.identifier if event.requeues == 0 else f"{event.identifier}:requeue-{event.requeues}"
 
 
-def _seconds(value: str | None) -> float | None:
-    """A Retry-After given in seconds; None when absent or in another form (the backoff applies then)."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-def _one_line(message: str | None, limit: int = 300) -> str:
-    return " ".join((message or "").split())[:limit]
-
-
-def classify_error(error: stripe.StripeError) -> Outcome:
-    """A Stripe SDK exception as a delivery outcome (pure: looks only at the exception)."""
+def classify_error(error: stripe.StripeError, now: datetime | None = None) -> Outcome:
+    """A Stripe SDK exception as a delivery outcome (pure: looks only at the exception, and at `now` for a
+    Retry-After given as a date)."""
     status = error.http_status
     code = getattr(error, "code", None)
-    reason = f"stripe {status or 'network'}: {code + ': ' if code else ''}{_one_line(error.user_message or str(error))}"
+    reason = f"stripe {status or 'network'}: {code + ': ' if code else ''}{one_line(error.user_message or str(error))}"
     if isinstance(error, stripe.APIConnectionError):
         return Outcome(OutcomeKind.RETRY, reason, uncertain=not isinstance(error.__cause__, _NOT_SENT))
     if code == "resource_already_exists":
         return Outcome(OutcomeKind.DUPLICATE, reason)
     if status == 429 or isinstance(error, stripe.RateLimitError):
-        return Outcome(OutcomeKind.RETRY, reason, retry_after=_seconds((error.headers or {}).get("Retry-After")))
+        return Outcome(OutcomeKind.RETRY, reason, retry_after=retry_after_seconds((error.headers or {}).get("Retry-After"), now))
     if status == 409 or status is None or status >= 500:
         # 409: a concurrent request with the same idempotency key is still running: it may land.
         return Outcome(OutcomeKind.RETRY, reason, uncertain=True)
@@ -152,7 +141,7 @@ class StripeSink:
         try:
             await self.client.v1.billing.meter_events.create_async(params, {"idempotency_key": idempotency_key(event)})
         except stripe.StripeError as error:
-            return classify_error(error)
+            return classify_error(error, self.clock())
         return DELIVERED
 
     async def _session(self, *, refused: str | None = None) -> str:
@@ -180,7 +169,7 @@ class StripeSink:
                 token = await self._session(refused=token)
                 await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
         except stripe.StripeError as error:
-            return [classify_error(error)] * len(events)
+            return [classify_error(error, self.clock())] * len(events)
         return [DELIVERED] * len(events)
 
     async def aclose(self) -> None:
