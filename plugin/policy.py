@@ -1,0 +1,142 @@
+"""Admission policy: may this request run, how much may it spend, and if not, why (pure).
+
+Reserve-then-settle: before the provider call a request reserves its worst-case credits (its
+prompt as counted plus `max_tokens` of output, or a configured default). It is admitted only if
+what is used, what others have reserved and its own reservation fit under the customer's
+ceiling; when the full reservation does not fit, `max_tokens` is clamped to what still fits, or
+the request is refused when that is below a useful minimum. On success the reservation settles
+to the real usage, never billing past the ceiling; on failure it is released.
+
+The ceiling is the smallest of the plan's cap (free plans), the customer's hard limit, and the
+included quota when overage is blocked; each comes with the reason a refusal names.
+
+Counters live elsewhere (plugin/counters): this module only does the arithmetic, so every rule
+is a test over plain integers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from fractions import Fraction
+from math import ceil, floor
+
+
+class Refusal(StrEnum):
+    """Why a request is refused: the `error.type` (and `x-meterline-error`) the client sees."""
+
+    FREE_CAP = "free_cap_reached"
+    HARD_LIMIT = "hard_limit_reached"
+    OVERAGE_BLOCKED = "overage_blocked"
+    CIRCUIT_OPEN = "circuit_open"
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """The most a customer can be billed this period, and what they hit when they reach it."""
+
+    ucr: int
+    reason: Refusal
+
+
+def ceiling(*, plan_cap_ucr: int | None, hard_limit_ucr: int | None, included_ucr: int,
+            block_overage: bool) -> Ceiling | None:
+    """The effective ceiling (DESIGN: `cap_ucr`), or None when the customer is unlimited.
+
+    The smallest wins; on a tie the plan cap is named first, then the hard limit, then the
+    overage block, so the message points at the rule the customer can least change.
+    """
+    candidates = [
+        Ceiling(cap, reason) for cap, reason in (
+            (plan_cap_ucr, Refusal.FREE_CAP),
+            (hard_limit_ucr, Refusal.HARD_LIMIT),
+            (included_ucr if block_overage else None, Refusal.OVERAGE_BLOCKED),
+        ) if cap is not None
+    ]
+    return min(candidates, key=lambda candidate: candidate.ucr, default=None)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request may cost before it runs."""
+
+    prompt_ucr: Fraction
+    """The prompt as counted, priced as fresh input (the worst case: no cache discount)."""
+    ucr_per_output_token: Fraction
+    max_tokens: int
+    """The client's `max_tokens`, or the configured reservation default when it set none."""
+
+    def cost(self, output_tokens: int) -> int:
+        """Worst-case µcr with `output_tokens` of output, rounded up: a reservation never falls short
+        by rounding."""
+        return ceil(self.prompt_ucr + output_tokens * self.ucr_per_output_token)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The one output of the admission policy."""
+
+    admit: bool
+    reason: Refusal | None = None
+    """Refused requests: which ceiling (or guard) refused them."""
+    reserve_ucr: int = 0
+    """µcr to add to the customer's reserved counter (0 when refused)."""
+    max_tokens: int | None = None
+    """The `max_tokens` to send when it had to be lowered (clamped); None when the request runs as asked."""
+    remaining_ucr: int | None = None
+    """µcr left under the ceiling once this reservation is made (None: no ceiling). For headers and previews."""
+    ceiling_ucr: int | None = None
+
+
+def decide(estimate: Estimate, *, used_ucr: int, reserved_ucr: int, limit: Ceiling | None,
+           min_output_tokens: int = 16) -> Decision:
+    """Admit with the full reservation, admit with `max_tokens` clamped, or refuse."""
+    if limit is None:
+        return Decision(True, reserve_ucr=estimate.cost(estimate.max_tokens))
+    available = limit.ucr - used_ucr - reserved_ucr
+    full = estimate.cost(estimate.max_tokens)
+    if full <= available:
+        return Decision(True, reserve_ucr=full, remaining_ucr=available - full, ceiling_ucr=limit.ucr)
+    affordable = _affordable_output_tokens(estimate, available)
+    if affordable >= min(min_output_tokens, estimate.max_tokens) and affordable > 0:
+        reserve = estimate.cost(affordable)
+        return Decision(True, reserve_ucr=reserve, max_tokens=affordable, remaining_ucr=available - reserve,
+                        ceiling_ucr=limit.ucr)
+    return Decision(False, limit.reason, remaining_ucr=max(0, available), ceiling_ucr=limit.ucr)
+
+
+def _affordable_output_tokens(estimate: Estimate, available: int) -> int:
+    """The most output tokens whose worst-case cost still fits in `available` µcr."""
+    room = available - estimate.prompt_ucr
+    if room < 0:
+        return 0
+    if estimate.ucr_per_output_token == 0:
+        return estimate.max_tokens
+    return min(estimate.max_tokens, floor(room / estimate.ucr_per_output_token))
+
+
+@dataclass(frozen=True)
+class Settlement:
+    bill_ucr: int
+    """What goes in the ledger."""
+    forgone_ucr: int
+    """Real usage not billed because it would have crossed the ceiling (an estimate fell short)."""
+
+
+def settle(actual_ucr: int, *, reserved_for_this_ucr: int, used_ucr: int, reserved_ucr: int,
+           limit: Ceiling | None) -> Settlement:
+    """Turn a reservation into the bill once real usage is known.
+
+    Normally the bill is the real usage, and it fits: the reservation was the worst case. If the
+    real usage came out higher (a provider overshooting `max_tokens`, a prompt counted low), it is
+    billed only as far as the ceiling allows after everyone else's reservations: the customer is
+    never billed past what they allowed, and the shortfall is reported, not hidden.
+    `reserved_ucr` is the customer's whole reserved counter, this request's reservation included.
+    """
+    if limit is None:
+        return Settlement(actual_ucr, 0)
+    others_reserved = reserved_ucr - reserved_for_this_ucr
+    room = max(0, limit.ucr - used_ucr - others_reserved)
+    bill = min(actual_ucr, room)
+    return Settlement(bill, actual_ucr - bill)
