@@ -74,6 +74,37 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class Ask:
+    """What a request asks a customer's counters for: its full worst case, or at least `minimum_ucr`
+    (the worst case with the useful minimum of output) if the full amount no longer fits."""
+
+    full_ucr: int
+    minimum_ucr: int
+
+
+def ask(estimate: Estimate, min_output_tokens: int = 16) -> Ask:
+    return Ask(estimate.cost(estimate.max_tokens), estimate.cost(min(min_output_tokens, estimate.max_tokens)))
+
+
+def grant(request: Ask, *, used_ucr: int, reserved_ucr: int, limit: Ceiling | None) -> int | None:
+    """The reference of the one atomic step a counter store performs (SQL transaction, Redis Lua):
+    how many µcr to reserve, or None to refuse. The full ask if it fits under the ceiling, else
+    everything that is left if that covers the minimum.
+
+    Only additions and comparisons of integers, so both backends compute exactly this; the
+    backend test-suite checks them against it.
+    """
+    if limit is None:
+        return request.full_ucr
+    available = limit.ucr - used_ucr - reserved_ucr
+    if request.full_ucr <= available:
+        return request.full_ucr
+    if request.minimum_ucr <= available and available > 0:
+        return available
+    return None
+
+
+@dataclass(frozen=True)
 class Decision:
     """The one output of the admission policy."""
 
@@ -81,7 +112,7 @@ class Decision:
     reason: Refusal | None = None
     """Refused requests: which ceiling (or guard) refused them."""
     reserve_ucr: int = 0
-    """µcr to add to the customer's reserved counter (0 when refused)."""
+    """µcr reserved for this request (0 when refused)."""
     max_tokens: int | None = None
     """The `max_tokens` to send when it had to be lowered (clamped); None when the request runs as asked."""
     remaining_ucr: int | None = None
@@ -89,26 +120,33 @@ class Decision:
     ceiling_ucr: int | None = None
 
 
+def interpret(estimate: Estimate, granted_ucr: int | None, *, available_ucr: int | None,
+              limit: Ceiling | None) -> Decision:
+    """The decision that follows from what the counters granted (`available_ucr`: what was left before)."""
+    ceiling_ucr = None if limit is None else limit.ucr
+    if granted_ucr is None:
+        assert limit is not None, "an unlimited customer is always granted"
+        return Decision(False, limit.reason, remaining_ucr=max(0, available_ucr or 0), ceiling_ucr=ceiling_ucr)
+    remaining = None if available_ucr is None else available_ucr - granted_ucr
+    full = estimate.cost(estimate.max_tokens)
+    if granted_ucr >= full:
+        return Decision(True, reserve_ucr=granted_ucr, remaining_ucr=remaining, ceiling_ucr=ceiling_ucr)
+    return Decision(True, reserve_ucr=granted_ucr, max_tokens=_affordable_output_tokens(estimate, granted_ucr),
+                    remaining_ucr=remaining, ceiling_ucr=ceiling_ucr)
+
+
 def decide(estimate: Estimate, *, used_ucr: int, reserved_ucr: int, limit: Ceiling | None,
            min_output_tokens: int = 16) -> Decision:
-    """Admit with the full reservation, admit with `max_tokens` clamped, or refuse."""
-    if limit is None:
-        return Decision(True, reserve_ucr=estimate.cost(estimate.max_tokens))
-    available = limit.ucr - used_ucr - reserved_ucr
-    full = estimate.cost(estimate.max_tokens)
-    if full <= available:
-        return Decision(True, reserve_ucr=full, remaining_ucr=available - full, ceiling_ucr=limit.ucr)
-    affordable = _affordable_output_tokens(estimate, available)
-    if affordable >= min(min_output_tokens, estimate.max_tokens) and affordable > 0:
-        reserve = estimate.cost(affordable)
-        return Decision(True, reserve_ucr=reserve, max_tokens=affordable, remaining_ucr=available - reserve,
-                        ceiling_ucr=limit.ucr)
-    return Decision(False, limit.reason, remaining_ucr=max(0, available), ceiling_ucr=limit.ucr)
+    """Ask, grant and interpret in one go, over plain numbers (what previews and tests use; live
+    requests do the grant inside a counter store, atomically)."""
+    granted = grant(ask(estimate, min_output_tokens), used_ucr=used_ucr, reserved_ucr=reserved_ucr, limit=limit)
+    available = None if limit is None else limit.ucr - used_ucr - reserved_ucr
+    return interpret(estimate, granted, available_ucr=available, limit=limit)
 
 
-def _affordable_output_tokens(estimate: Estimate, available: int) -> int:
-    """The most output tokens whose worst-case cost still fits in `available` µcr."""
-    room = available - estimate.prompt_ucr
+def _affordable_output_tokens(estimate: Estimate, budget_ucr: int) -> int:
+    """The most output tokens whose worst-case cost still fits in `budget_ucr`."""
+    room = budget_ucr - estimate.prompt_ucr
     if room < 0:
         return 0
     if estimate.ucr_per_output_token == 0:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from plugin.policy import Ceiling, Decision, Estimate, Refusal, ceiling, decide, settle
+from plugin.policy import Ask, Ceiling, Decision, Estimate, Refusal, ask, ceiling, decide, grant, settle
 
 M = 1_000_000
 
@@ -59,6 +59,19 @@ def test_refused_when_what_fits_is_below_a_useful_minimum():
     assert decide(REQUEST, used_ucr=8900, reserved_ucr=0, limit=CAP, min_output_tokens=25).max_tokens == 25
     over = decide(REQUEST, used_ucr=11_000, reserved_ucr=0, limit=CAP)
     assert (over.admit, over.reason, over.remaining_ucr) == (False, Refusal.HARD_LIMIT, 0)
+
+
+@pytest.mark.parametrize(("used", "reserved", "granted"), [
+    (0, 0, 3000), (7000, 0, 3000), (7000, 1, 2999), (9000, 0, 1000), (9000, 1, None), (10_001, 0, None),
+])
+def test_grant_is_the_full_ask_or_all_that_is_left_above_the_minimum(used, reserved, granted):
+    assert grant(Ask(3000, 1000), used_ucr=used, reserved_ucr=reserved, limit=CAP) == granted
+    assert grant(Ask(3000, 1000), used_ucr=used, reserved_ucr=reserved, limit=None) == 3000
+
+
+def test_ask_prices_the_full_request_and_the_useful_minimum():
+    assert ask(REQUEST, min_output_tokens=16) == Ask(3000, 1064)
+    assert ask(Estimate(Fraction(10), Fraction(1), max_tokens=5), min_output_tokens=16) == Ask(15, 15)
 
 
 def test_fractional_rates_reserve_rounded_up():
@@ -133,12 +146,13 @@ TestCounters.settings = settings(max_examples=120, stateful_step_count=50, deadl
 
 @given(prompt=st.integers(0, 10**6), rate=st.fractions(0, 100, max_denominator=13), max_tokens=st.integers(1, 10**5),
        available=st.integers(0, 10**7))
-def test_a_clamped_request_at_its_clamp_never_costs_more_than_what_was_left(prompt, rate, max_tokens, available):
+def test_a_clamped_request_never_costs_more_than_its_reservation_nor_what_was_left(prompt, rate, max_tokens,
+                                                                                   available):
     estimate = Estimate(Fraction(prompt), rate, max_tokens)
     decision = decide(estimate, used_ucr=0, reserved_ucr=0, limit=Ceiling(available, Refusal.FREE_CAP),
                       min_output_tokens=1)
     if decision.admit:
         tokens = decision.max_tokens or max_tokens
-        assert estimate.cost(tokens) == decision.reserve_ucr <= available
-        if decision.max_tokens is not None:  # one more token would not have fitted
-            assert estimate.cost(tokens + 1) > available
+        assert estimate.cost(tokens) <= decision.reserve_ucr <= available
+        if decision.max_tokens is not None:  # clamped: it got what was left, and one more token would not fit
+            assert decision.reserve_ucr == available and estimate.cost(tokens + 1) > available
