@@ -106,3 +106,28 @@ class Alert(SQLModel, table=True):
     subject_id: str | None = Field(default=None, max_length=100)
     message: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class CounterRow(SQLModel, table=True):
+    """The embedded counter store: a customer's used and reserved µcr in one billing period."""
+
+    __tablename__ = "counters"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    period: str = Field(primary_key=True, max_length=16)
+    """The period's start, in Unix seconds."""
+    used_ucr: int = Field(default=0, sa_type=BigInteger)
+    reserved_ucr: int = Field(default=0, sa_type=BigInteger)
+
+
+class ReservationRow(SQLModel, table=True):
+    """A request's reservation, until it settles, is released, or expires."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (Index("ix_reservations_account", "customer_id", "period", "expires_at"),)
+
+    id: str = Field(primary_key=True, max_length=100)
+    customer_id: str = Field(max_length=64)
+    period: str = Field(max_length=16)
+    ucr: int = Field(sa_type=BigInteger)
+    expires_at: datetime = Field(sa_column=_ts())

@@ -1,0 +1,179 @@
+"""One suite over every counter store: embedded (SQLite, PostgreSQL) and a real redis-server.
+
+Each backend must do exactly what `plugin.policy.grant` / `settle` say, atomically.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from plugin.counters.base import Account, CounterError, Snapshot
+from plugin.counters.redis import RedisCounterStore
+from plugin.counters.sql import SqlCounterStore
+from plugin.ledger.store import make_engine
+from plugin.policy import Ask, Ceiling, Refusal, grant, settle
+from tests.support.processes import free_port
+from tests.support.redis_server import running_redis
+
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=5)
+ACME = Account("acme", datetime(2026, 11, 1, tzinfo=UTC))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def counters(request, tmp_path):
+    if request.param == "redis":
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        client.flushdb()
+        yield RedisCounterStore(client)
+        return
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'counters.db'}")
+    else:
+        engine = make_engine(request.getfixturevalue("postgres_url"))
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE counters, reservations"))
+    yield SqlCounterStore(engine)
+    engine.dispose()
+
+
+def test_reserve_grants_the_full_ask_then_what_is_left_then_refuses(counters):
+    assert counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 6000
+    second = counters.reserve(ACME, "r2", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    assert (second.granted_ucr, second.available_ucr) == (4000, 4000)
+    third = counters.reserve(ACME, "r3", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    assert (third.granted_ucr, third.available_ucr) == (None, 0)
+    assert counters.snapshot(ACME, NOW) == Snapshot(0, 10_000)
+
+
+def test_without_a_ceiling_everything_is_granted(counters):
+    grant_ = counters.reserve(ACME, "r1", Ask(10**12, 1), cap_ucr=None, expires_at=LATER, now=NOW)
+    assert (grant_.granted_ucr, grant_.available_ucr) == (10**12, None)
+
+
+def test_settle_bills_real_usage_and_frees_the_reservation(counters):
+    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000) == 2500
+    assert counters.snapshot(ACME, NOW) == Snapshot(2500, 0)
+    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000) == 2500  # settled twice: the reservation is gone
+    assert counters.snapshot(ACME, NOW) == Snapshot(5000, 0)
+
+
+def test_settle_never_bills_past_the_ceiling(counters):
+    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    counters.reserve(ACME, "r2", Ask(4000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    assert counters.settle(ACME, "r1", 7000, cap_ucr=10_000) == 6000  # 4,000 are r2's
+    assert counters.settle(ACME, "r2", 9000, cap_ucr=10_000) == 4000
+    assert counters.snapshot(ACME, NOW) == Snapshot(10_000, 0)
+
+
+def test_release_frees_without_billing(counters):
+    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    counters.release(ACME, "r1")
+    counters.release(ACME, "r1")  # twice is harmless
+    assert counters.snapshot(ACME, NOW) == Snapshot(0, 0)
+
+
+def test_expired_reservations_stop_counting_and_are_dropped(counters):
+    counters.reserve(ACME, "stale", Ask(9000, 1000), cap_ucr=10_000, expires_at=NOW + timedelta(seconds=30), now=NOW)
+    assert counters.snapshot(ACME, NOW + timedelta(seconds=31)) == Snapshot(0, 0)
+    fresh = counters.reserve(ACME, "fresh", Ask(9000, 1000), cap_ucr=10_000, expires_at=LATER,
+                             now=NOW + timedelta(seconds=31))
+    assert fresh.granted_ucr == 9000
+    assert counters.settle(ACME, "stale", 500, cap_ucr=10_000) == 500  # a late answer still bills what fits
+    assert counters.snapshot(ACME, NOW + timedelta(seconds=31)) == Snapshot(500, 9000)
+
+
+def test_accounts_are_separate(counters):
+    other_customer = Account("globex", ACME.period)
+    next_period = Account("acme", datetime(2026, 12, 1, tzinfo=UTC))
+    counters.reserve(ACME, "r1", Ask(10_000, 1), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    for n, account in enumerate((other_customer, next_period)):
+        assert counters.reserve(account, f"r{n + 2}", Ask(10_000, 1), cap_ucr=10_000, expires_at=LATER,
+                                now=NOW).granted_ucr
+
+
+def test_rebuild_sets_used_from_the_ledger_and_keeps_reservations(counters):
+    counters.reserve(ACME, "r1", Ask(3000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    counters.rebuild(ACME, 6000)
+    assert counters.snapshot(ACME, NOW) == Snapshot(6000, 3000)
+    assert counters.reserve(ACME, "r2", Ask(3000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 1000
+
+
+def test_every_backend_computes_what_the_policy_says(counters):
+    """A long random sequence of reserve / settle / release, compared step by step with the pure policy."""
+    rng = random.Random(4)
+    limit = Ceiling(100_000, Refusal.HARD_LIMIT)
+    used = reserved = 0
+    held: dict[str, int] = {}
+    for step in range(150):
+        if held and rng.random() < 0.45:
+            reservation = rng.choice(sorted(held))
+            amount = held.pop(reservation)
+            if rng.random() < 0.8:
+                actual = max(0, amount + rng.randint(-5000, 3000))
+                expected = settle(actual, reserved_for_this_ucr=amount, used_ucr=used, reserved_ucr=reserved,
+                                  limit=limit).bill_ucr
+                assert counters.settle(ACME, reservation, actual, cap_ucr=limit.ucr) == expected
+                used += expected
+            else:
+                counters.release(ACME, reservation)
+            reserved -= amount
+        else:
+            ask = Ask(full := rng.randint(1, 30_000), rng.randint(1, full))
+            expected = grant(ask, used_ucr=used, reserved_ucr=reserved, limit=limit)
+            got = counters.reserve(ACME, f"r{step}", ask, cap_ucr=limit.ucr, expires_at=LATER, now=NOW)
+            assert got.granted_ucr == expected, step
+            if expected is not None:
+                held[f"r{step}"] = expected
+                reserved += expected
+        assert counters.snapshot(ACME, NOW) == Snapshot(used, reserved)
+
+
+def test_concurrent_reservations_never_overspend(counters):
+    """40 threads race for a ceiling that fits exactly 10 of them."""
+    granted: list[int] = []
+    lock = threading.Lock()
+
+    def one(n: int) -> None:
+        result = counters.reserve(ACME, f"c{n}", Ask(1000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+        if result.granted_ucr is not None:
+            with lock:
+                granted.append(result.granted_ucr)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert granted == [1000] * 10
+    assert counters.snapshot(ACME, NOW) == Snapshot(0, 10_000)
+
+
+def test_an_unreachable_redis_is_a_counter_error():
+    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(CounterError, match="redis counters: ConnectionError"):
+        store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
+
+
+def test_a_failing_database_is_a_counter_error(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'gone.db'}")
+    store = SqlCounterStore(engine)
+    with engine.begin() as connection:
+        connection.execute(text("DROP TABLE reservations"))
+    with pytest.raises(CounterError, match="embedded counters"):
+        store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
+    engine.dispose()
