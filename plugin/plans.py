@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from calendar import monthrange
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -27,6 +28,26 @@ def calendar_month(now: datetime) -> Period:
     start = datetime(now.year, now.month, 1, tzinfo=UTC)
     end = datetime(now.year + 1, 1, 1, tzinfo=UTC) if now.month == 12 else datetime(now.year, now.month + 1, 1, tzinfo=UTC)
     return Period(start, end)
+
+
+def anchored_month(anchor: datetime, now: datetime) -> Period:
+    """The monthly period containing `now` for a customer whose periods start at `anchor` (its
+    subscription's start, say): same day of the month and time of day, the day clamped to short
+    months (an anchor on the 31st starts February's period on the 28th or 29th)."""
+    anchor, now = anchor.astimezone(UTC), now.astimezone(UTC)
+
+    def start_in(year: int, month: int) -> datetime:
+        day = min(anchor.day, monthrange(year, month)[1])
+        return anchor.replace(year=year, month=month, day=day)
+
+    def shift(year: int, month: int, months: int) -> tuple[int, int]:
+        index = year * 12 + (month - 1) + months
+        return index // 12, index % 12 + 1
+
+    year, month = now.year, now.month
+    if start_in(year, month) > now:
+        year, month = shift(year, month, -1)
+    return Period(start_in(year, month), start_in(*shift(year, month, 1)))
 
 
 def credits_to_ucr(credits: Fraction) -> int:

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.plans import Period, calendar_month, credits_to_ucr, project_period_total
+from plugin.plans import Period, anchored_month, calendar_month, credits_to_ucr, project_period_total
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,36 @@ def test_credits_to_ucr_is_exact():
     assert credits_to_ucr(Fraction(100)) == 100_000_000
     assert credits_to_ucr(Fraction(1, 3)) == 333_333
     assert credits_to_ucr(Fraction(5, 10_000_000)) == 1  # half a µcr rounds up
+
+
+@pytest.mark.parametrize(("anchor", "now", "start", "end"), [
+    # anchored on the 15th at 09:30
+    (datetime(2026, 1, 15, 9, 30, tzinfo=UTC), datetime(2026, 11, 24, tzinfo=UTC),
+     datetime(2026, 11, 15, 9, 30, tzinfo=UTC), datetime(2026, 12, 15, 9, 30, tzinfo=UTC)),
+    (datetime(2026, 1, 15, 9, 30, tzinfo=UTC), datetime(2026, 11, 15, 9, 29, tzinfo=UTC),
+     datetime(2026, 10, 15, 9, 30, tzinfo=UTC), datetime(2026, 11, 15, 9, 30, tzinfo=UTC)),
+    (datetime(2026, 1, 15, 9, 30, tzinfo=UTC), datetime(2026, 11, 15, 9, 30, tzinfo=UTC),
+     datetime(2026, 11, 15, 9, 30, tzinfo=UTC), datetime(2026, 12, 15, 9, 30, tzinfo=UTC)),
+    # the 31st clamps to short months, and comes back in long ones
+    (datetime(2026, 1, 31, tzinfo=UTC), datetime(2027, 2, 10, tzinfo=UTC),
+     datetime(2027, 1, 31, tzinfo=UTC), datetime(2027, 2, 28, tzinfo=UTC)),
+    (datetime(2026, 1, 31, tzinfo=UTC), datetime(2028, 3, 1, tzinfo=UTC),
+     datetime(2028, 2, 29, tzinfo=UTC), datetime(2028, 3, 31, tzinfo=UTC)),
+    # across the year boundary
+    (datetime(2026, 3, 20, tzinfo=UTC), datetime(2027, 1, 5, tzinfo=UTC),
+     datetime(2026, 12, 20, tzinfo=UTC), datetime(2027, 1, 20, tzinfo=UTC)),
+    # an anchor on the 1st at midnight is the calendar month
+    (datetime(2025, 6, 1, tzinfo=UTC), datetime(2026, 11, 24, 13, 0, tzinfo=UTC),
+     datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)),
+])
+def test_anchored_month(anchor, now, start, end):
+    assert anchored_month(anchor, now) == Period(start, end)
+
+
+def test_anchored_months_tile_time_without_gaps_or_overlaps():
+    anchor = datetime(2026, 1, 31, 23, 59, tzinfo=UTC)
+    period = anchored_month(anchor, datetime(2026, 2, 1, tzinfo=UTC))
+    for _ in range(30):
+        following = anchored_month(anchor, period.end)
+        assert following.start == period.end and following.end > following.start
+        period = following
