@@ -18,7 +18,8 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import litellm
 from fastapi import Request
@@ -32,11 +33,17 @@ from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
     request_labels,
 )
+from plugin.counters.base import Account, CounterError
+from plugin.ledger.store import BillingRecord
 from plugin.metering import FinishedCall, bill
+from plugin.policy import Estimate, ask, interpret, refusal_message
 from plugin.pricing import Usage
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
 
 log = logging.getLogger("meterline")
+
+MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+"""Where clients put their output limit: chat (old and new name) and the Responses API."""
 
 STATE_KEY = "meterline"
 """Per-request state, kept in LiteLLM's own metadata field (which LiteLLM never sends upstream)."""
@@ -123,11 +130,20 @@ class MeterlineLogger(CustomLogger):
         metadata = data.get(_metadata_field(data))
         if not isinstance(metadata, dict):
             metadata = data[_metadata_field(data)] = {}
-        metadata[STATE_KEY] = {
+        state = metadata[STATE_KEY] = {
             "seal": runtime.PROCESS_SEAL, "ledger_id": _new_ledger_id(), "customer": customer,
             "member": member, "action": action,
         }
+        await _reserve(meterline, data, state)
         return data
+
+    async def async_post_call_failure_hook(self, request_data: dict, original_exception, user_api_key_dict,
+                                           traceback_str=None):
+        """The request failed for good (after retries and fallbacks): free its reservation."""
+        state = _state(request_data)
+        if state is not None and state.get("reservation"):
+            await _release(_meterline(), state)
+        return None
 
     async def async_post_call_success_hook(self, data: dict, user_api_key_dict: UserAPIKeyAuth, response):
         state = _state(data)
@@ -220,7 +236,7 @@ async def _settle(
         usage_source=source,
         chunks=chunks,
     )
-    record = bill(call, meterline.price_book)
+    record = await _within_ceiling(meterline, state, bill(call, meterline.price_book))
     try:
         await meterline.writer.write(record)
     except Exception as exc:
@@ -231,6 +247,76 @@ async def _settle(
             503,
         ) from None
     state["credits_ucr"] = record.entry.credits_ucr
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> None:
+    """Reserve the request's worst case against the customer's ceiling: admit, clamp max_tokens, or
+    refuse with 402. Customers without a ceiling skip this entirely."""
+    customer = state["customer"]
+    plan = meterline.directory.cached_plan(customer) or await asyncio.to_thread(meterline.directory.plan_of, customer)
+    limit = meterline.ceiling(plan) if plan else None
+    if limit is None:
+        return
+    policies = meterline.config.policies
+    model = str(data.get("model") or "")
+    input_rate, output_rate = meterline.price_book.token_rates(model)
+    asked = next((data[key] for key in MAX_TOKENS_KEYS if isinstance(data.get(key), int) and data[key] > 0), None)
+    estimate = Estimate(_counted_usage(data, "").prompt_tokens * input_rate, output_rate,
+                        asked or policies.reservation_output_tokens)
+    now = datetime.now(UTC)
+    period = meterline.period(customer, now)
+    account = Account(customer, period.start)
+    try:
+        granted = await asyncio.to_thread(
+            meterline.counters.reserve, account, state["ledger_id"], ask(estimate, policies.min_output_tokens),
+            cap_ucr=limit.ucr, expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now,
+        )
+    except CounterError as error:
+        if meterline.settings.fail_mode == "open":
+            log.warning("meterline: %s; admitting without a reservation (METERLINE_FAIL_MODE=open)", error)
+            return
+        raise _refuse("billing_unavailable", "Spending limits cannot be checked right now, so the request was not "
+                      "sent. Try again shortly.", 503) from None
+    decision = interpret(estimate, granted.granted_ucr, available_ucr=granted.available_ucr, limit=limit)
+    if not decision.admit:
+        raise _refuse(decision.reason, refusal_message(decision.reason, limit, plan, period.end), 402)
+    if decision.max_tokens is not None:
+        for key in [key for key in MAX_TOKENS_KEYS if key in data] or ["max_tokens"]:
+            data[key] = decision.max_tokens
+    state["reservation"] = {"period": period.start.isoformat(), "cap": limit.ucr}
+
+
+async def _within_ceiling(meterline: runtime.Meterline, state: dict, record: BillingRecord) -> BillingRecord:
+    """Settle the reservation: the counters bill real usage, never past the ceiling. What could not be
+    billed (the estimate fell short) is reported in an alert, not silently dropped."""
+    reservation = state.pop("reservation", None)
+    if not reservation:
+        return record
+    account = Account(state["customer"], datetime.fromisoformat(reservation["period"]))
+    credits = record.entry.credits_ucr
+    try:
+        billed = await asyncio.to_thread(meterline.counters.settle, account, record.entry.id, credits,
+                                         cap_ucr=reservation["cap"])
+    except CounterError as error:  # the ledger stays the truth; counters are rebuilt from it
+        log.warning("meterline: could not settle %s: %s", record.entry.id, error)
+        return record
+    if billed >= credits:
+        return record
+    note = f"{credits - billed} µcr of usage not billed: it would have crossed the customer's ceiling"
+    return BillingRecord(replace(record.entry, credits_ucr=billed),
+                         alert=f"{record.alert}; {note}" if record.alert else note)
+
+
+async def _release(meterline: runtime.Meterline, state: dict) -> None:
+    reservation = state.pop("reservation", None)
+    account = Account(state["customer"], datetime.fromisoformat(reservation["period"]))
+    try:
+        await asyncio.to_thread(meterline.counters.release, account, state["ledger_id"])
+    except CounterError as error:  # it expires by itself after policies.reservation_seconds
+        log.warning("meterline: could not release %s: %s", state["ledger_id"], error)
 
 
 def _served_model_group(data: Mapping, hidden: Mapping) -> str:

@@ -17,9 +17,13 @@ is a test over plain integers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
 from enum import StrEnum
 from fractions import Fraction
 from math import ceil, floor
+
+UCR = Decimal(1_000_000)
 
 
 class Refusal(StrEnum):
@@ -178,3 +182,23 @@ def settle(actual_ucr: int, *, reserved_for_this_ucr: int, used_ucr: int, reserv
     room = max(0, limit.ucr - used_ucr - others_reserved)
     bill = min(actual_ucr, room)
     return Settlement(bill, actual_ucr - bill)
+
+
+def credits_text(ucr: int) -> str:
+    """µcr as credits for people: exact, no trailing zeros ("100", "2.5")."""
+    return format((Decimal(ucr) / UCR).normalize(), "f")
+
+
+def refusal_message(reason: Refusal, limit: Ceiling, plan: str, period_end: datetime) -> str:
+    """What a refused customer reads: what happened, and what to do next."""
+    amount, until = credits_text(limit.ucr), period_end.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    match reason:
+        case Refusal.FREE_CAP:
+            return (f"You've used the {amount} credits of your {plan} plan for this period. Upgrade your plan to "
+                    f"continue, or wait until {until}.")
+        case Refusal.HARD_LIMIT:
+            return f"You've hit your limit of {amount} credits. Raise it in settings to continue, or wait until {until}."
+        case Refusal.OVERAGE_BLOCKED:
+            return (f"You've used the {amount} credits your plan includes and overage is blocked. Allow overage in "
+                    f"settings to continue, or wait until {until}.")
+    return f"This request was refused ({reason})."

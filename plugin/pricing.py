@@ -241,6 +241,14 @@ class PriceBook:
                 return self._converted[name]
         return None
 
+    def token_rates(self, model: str) -> tuple[Fraction, Fraction]:
+        """Exact µcr per fresh input token and per output token of a model group: pricing is linear
+        in tokens, so this is what a reservation needs before the call (the deployment is not yet
+        chosen, so the group's own price is used)."""
+        rule, provider_price = self.rule_for(model), self.price_for(model)
+        return (price(Usage(prompt_tokens=1), rule, provider_price).exact_ucr,
+                price(Usage(completion_tokens=1), rule, provider_price).exact_ucr)
+
     def charge(self, usage: Usage, model: str, deployment_model: str | None = None) -> Charge:
         """Price a call of model group `model` served by `deployment_model` ("provider/name")."""
         unprefixed = deployment_model.split("/", 1)[1] if deployment_model and "/" in deployment_model else None

@@ -22,7 +22,11 @@ from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.outbox.retry import RetryPolicy
-from plugin.plans import Period, calendar_month
+from plugin.counters.base import CounterStore
+from plugin.counters.redis import RedisCounterStore
+from plugin.counters.sql import SqlCounterStore
+from plugin.plans import Period, calendar_month, credits_to_ucr
+from plugin.policy import Ceiling, ceiling
 from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
 from plugin.sinks.base import Sink
 from plugin.sinks.stripe import StripeConfig, StripeSink
@@ -125,6 +129,21 @@ class Meterline:
     @cached_property
     def writer(self) -> LedgerWriter:
         return LedgerWriter(self.engine)
+
+    @cached_property
+    def counters(self) -> CounterStore:
+        """Redis when METERLINE_REDIS_URL is set, else the embedded store in the ledger's database."""
+        if self.settings.redis_url:
+            return RedisCounterStore.from_url(self.settings.redis_url)
+        return SqlCounterStore(self.engine)
+
+    def ceiling(self, plan_name: str) -> Ceiling | None:
+        """The customer's ceiling from its plan (hard limits and overage blocks join it with the limits API)."""
+        plan = self.config.plans.get(plan_name)
+        if plan is None:
+            return None
+        return ceiling(plan_cap_ucr=None if plan.cap_credits is None else credits_to_ucr(plan.cap_credits),
+                       hard_limit_ucr=None, included_ucr=credits_to_ucr(plan.included_credits), block_overage=False)
 
     def sink(self) -> Sink | None:
         """A new connection to the configured sink (METERLINE_SINK), or None for `none`."""

@@ -136,6 +136,13 @@ class CacheHitFee(_Strict):
 class PoliciesConfig(_Strict):
     cache_hits: Literal["free"] | CacheHitFee = "free"
     stream_disconnect: Literal["delivered"] = "delivered"
+    reservation_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    """Output tokens reserved for a request that sets no max_tokens: a sane default, not the model's
+    maximum, so a capped customer is not refused for phantom output."""
+    min_output_tokens: int = Field(default=16, ge=1, le=100_000)
+    """Below this many affordable output tokens a capped request is refused rather than clamped."""
+    reservation_seconds: int = Field(default=900, ge=10, le=86_400)
+    """How long a reservation holds if its request never settles (a crashed proxy)."""
 
 
 class StripeBillingConfig(_Strict):

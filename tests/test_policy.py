@@ -156,3 +156,20 @@ def test_a_clamped_request_never_costs_more_than_its_reservation_nor_what_was_le
         assert estimate.cost(tokens) <= decision.reserve_ucr <= available
         if decision.max_tokens is not None:  # clamped: it got what was left, and one more token would not fit
             assert decision.reserve_ucr == available and estimate.cost(tokens + 1) > available
+
+
+def test_refusal_messages_word_for_word():
+    from datetime import UTC, datetime
+
+    from plugin.policy import credits_text, refusal_message
+
+    end = datetime(2026, 12, 1, tzinfo=UTC)
+    assert credits_text(100 * M) == "100" and credits_text(2_500_000) == "2.5" and credits_text(1) == "0.000001"
+    assert refusal_message(Refusal.FREE_CAP, Ceiling(100 * M, Refusal.FREE_CAP), "free", end) == (
+        "You've used the 100 credits of your free plan for this period. Upgrade your plan to continue, "
+        "or wait until 2026-12-01 00:00 UTC.")
+    assert refusal_message(Refusal.HARD_LIMIT, Ceiling(5 * M, Refusal.HARD_LIMIT), "pro", end) == (
+        "You've hit your limit of 5 credits. Raise it in settings to continue, or wait until 2026-12-01 00:00 UTC.")
+    assert refusal_message(Refusal.OVERAGE_BLOCKED, Ceiling(10_000 * M, Refusal.OVERAGE_BLOCKED), "pro", end) == (
+        "You've used the 10000 credits your plan includes and overage is blocked. Allow overage in settings to "
+        "continue, or wait until 2026-12-01 00:00 UTC.")

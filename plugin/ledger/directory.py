@@ -27,6 +27,7 @@ class Directory:
         self._clock = clock
         self._keys: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._customers: set[str] = set()
+        self._plans: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     def knows_key(self, secret: str | None) -> bool:
@@ -55,6 +56,25 @@ class Directory:
             return False
         self._customers.add(customer_id)
         return True
+
+    def cached_plan(self, customer_id: str) -> str | None:
+        """The customer's plan if remembered and fresh, without touching the database."""
+        with self._lock:
+            entry = self._plans.get(customer_id)
+        return entry[0] if entry is not None and self._clock() < entry[1] else None
+
+    def plan_of(self, customer_id: str) -> str | None:
+        """The customer's plan, remembered for `ttl` seconds like keys (a plan change applies within it)."""
+        with self._lock:
+            entry = self._plans.get(customer_id)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        customer = store.get_customer(self._engine, customer_id)
+        if customer is None:
+            return None
+        with self._lock:
+            self._plans[customer_id] = (customer.plan, self._clock() + self._ttl)
+        return customer.plan
 
     def _cached(self, digest: str) -> str | None:
         with self._lock:
