@@ -14,10 +14,13 @@ import openai
 import pytest
 from sqlalchemy import text
 
+from plugin.counters.redis import RedisCounterStore
+from plugin.counters.sql import SqlCounterStore
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
 from tests.support.postgres import postgres_available, running_postgres
 from tests.support.proxy import MASTER_KEY, Proxy, run_proxy
+from tests.support.redis_server import running_redis
 from tests.support.upstream import Upstream, run_upstream
 
 
@@ -60,6 +63,13 @@ class Tenant:
 class MeteredProxy:
     proxy: Proxy
     engine: object
+    redis_url: str | None = None
+
+    def counters(self):
+        """The counter store this proxy uses, for looking at it from the test."""
+        if self.redis_url:
+            return RedisCounterStore.from_url(self.redis_url)
+        return SqlCounterStore(self.engine)
 
     def tenant(self, customer_id: str, plan: str = "pro") -> Tenant:
         if store.get_customer(self.engine, customer_id) is None:
@@ -80,10 +90,11 @@ class MeteredProxy:
         return list(store.ledger_rows(self.engine, customer_id))
 
 
-def _metered_proxy(workdir: Path, upstream: Upstream, database_url: str) -> Iterator[MeteredProxy]:
+def _metered_proxy(workdir: Path, upstream: Upstream, database_url: str,
+                   env: dict[str, str] | None = None) -> Iterator[MeteredProxy]:
     engine = make_engine(database_url)
-    with run_proxy(workdir, upstream.base_url, database_url) as proxy:
-        yield MeteredProxy(proxy=proxy, engine=engine)
+    with run_proxy(workdir, upstream.base_url, database_url, env=env) as proxy:
+        yield MeteredProxy(proxy=proxy, engine=engine, redis_url=(env or {}).get("METERLINE_REDIS_URL"))
     engine.dispose()
 
 
@@ -92,6 +103,21 @@ def metered(tmp_path_factory, upstream) -> Iterator[MeteredProxy]:
     """A real proxy with meterline on SQLite, shared by the end-to-end tests."""
     workdir = tmp_path_factory.mktemp("proxy")
     yield from _metered_proxy(workdir, upstream, f"sqlite:///{workdir / 'ledger.db'}")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server for the session (fakeredis is not used for anything Redis does here)."""
+    with running_redis() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def metered_redis(tmp_path_factory, upstream, redis_url) -> Iterator[MeteredProxy]:
+    """The proxy with its spending counters in Redis (ledger on SQLite)."""
+    workdir = tmp_path_factory.mktemp("proxy-redis")
+    yield from _metered_proxy(workdir, upstream, f"sqlite:///{workdir / 'ledger.db'}",
+                              env={"METERLINE_REDIS_URL": redis_url})
 
 
 @pytest.fixture(scope="session")

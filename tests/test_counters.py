@@ -20,17 +20,10 @@ from plugin.counters.sql import SqlCounterStore
 from plugin.ledger.store import make_engine
 from plugin.policy import Ask, Ceiling, Refusal, grant, settle
 from tests.support.processes import free_port
-from tests.support.redis_server import running_redis
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
 ACME = Account("acme", datetime(2026, 11, 1, tzinfo=UTC))
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    with running_redis() as url:
-        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
