@@ -33,7 +33,8 @@ from plugin.ledger.store import make_engine  # noqa: E402
 from plugin.settings import MeterlineConfig  # noqa: E402
 from plugin.stripe_setup import StripeSetup  # noqa: E402
 from tests.support.delivery import PRICED_YAML, stripe_env  # noqa: E402
-from tests.support.proxy import MASTER_KEY, run_proxy  # noqa: E402
+from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy  # noqa: E402
+from tests.support.redis_server import running_redis  # noqa: E402
 from tests.support.stripe_emulator import run_stripe_emulator  # noqa: E402
 from tests.support.upstream import run_upstream  # noqa: E402
 
@@ -147,6 +148,9 @@ def main() -> None:
     parser.add_argument("--deliver", choices=("v1", "v2"), default=None,
                         help="the plugin-on proxy's relay also delivers meter events to the Stripe emulator, "
                              "with v1 meter events or the v2 stream")
+    parser.add_argument("--capped", choices=("embedded", "redis"), default=None,
+                        help="bill a customer on a capped plan, so every request reserves and settles, with the "
+                             "counters in the ledger's database or in a real redis-server")
     args = parser.parse_args()
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     with contextlib.ExitStack() as stack:
@@ -155,16 +159,22 @@ def main() -> None:
         work = Path(tmp)
         url = f"sqlite:///{work / 'ledger.db'}"
         engine = make_engine(url)
-        env, stripe_id, emulator = {}, None, None
+        env, stripe_id, emulator, plan, meterline_yaml = {}, None, None, "pro", None
+        if args.capped:
+            # A cap far above what the run spends: every request reserves and settles, none is refused.
+            plan = "capped"
+            meterline_yaml = METERLINE_YAML | {"plans": METERLINE_YAML["plans"] | {"capped": {"cap_credits": 10**9}}}
+            if args.capped == "redis":
+                env["METERLINE_REDIS_URL"] = stack.enter_context(running_redis())
         if args.deliver:
             emulator = stack.enter_context(run_stripe_emulator())
             StripeSetup(emulator.client(), MeterlineConfig.model_validate(PRICED_YAML)).run()
             stripe_id = emulator.client().v1.customers.create({"name": "bench"}).id
-            env = stripe_env(emulator) | {"METERLINE_RELAY_POLL_SECONDS": "0.5",
-                                          "METERLINE_STRIPE_STREAM": "1" if args.deliver == "v2" else "0"}
-        store.add_customer(engine, "bench", "pro", stripe_id)
+            env |= stripe_env(emulator) | {"METERLINE_RELAY_POLL_SECONDS": "0.5",
+                                           "METERLINE_STRIPE_STREAM": "1" if args.deliver == "v2" else "0"}
+        store.add_customer(engine, "bench", plan, stripe_id)
         _, key = store.create_key(engine, "bench")
-        with run_proxy(work / "on", upstream.base_url, url, env=env) as plugin_on, \
+        with run_proxy(work / "on", upstream.base_url, url, env=env, meterline_yaml=meterline_yaml) as plugin_on, \
                 run_proxy(work / "off", upstream.base_url, url, plugin=False) as plugin_off:
             sides = {
                 "on": {"url": plugin_on.base_url, "key": key, "pid": plugin_on.process.pid},
