@@ -184,6 +184,8 @@ class MeterlineLogger(CustomLogger):
                 usage = _counted_usage(request_data, "".join(delivered))
                 hidden = {**_hidden_params(held), **wrapper_hidden}
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
+            elif state.get("reservation"):
+                _background(_release(_meterline(), state))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
         usage = tally.usage()

@@ -66,3 +66,47 @@ def test_customers_without_a_ceiling_reserve_nothing(metered):
     account = Account("uncapped-pro", calendar_month(datetime.now(UTC)).start)
     assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0)
     assert store.ledger_rows(metered.engine, "uncapped-pro")
+
+
+def test_reservations_of_failed_requests_are_released(metered):
+    """A stream the provider breaks before anything was delivered, and a call that fails every attempt,
+    bill nothing and give their reservation back at once (not after reservation_seconds)."""
+    import time
+
+    import openai
+
+    tenant = metered.tenant("capped-failures", plan="free")
+    with pytest.raises(openai.APIError):
+        for _ in tenant.client.chat.completions.create(model="test-model", max_tokens=500, stream=True,
+                                                       messages=[{"role": "user", "content": "[[c=50 cut=0]]"}]):
+            pass
+    with pytest.raises(openai.APIError):
+        tenant.client.chat.completions.create(model="test-model", max_tokens=500,
+                                              messages=[{"role": "user", "content": "[[id=never fail=9]] hi"}])
+    account = Account("capped-failures", calendar_month(datetime.now(UTC)).start)
+    for _ in range(50):  # the stream's release runs in the background: give it up to 5 s
+        if metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0):
+            break
+        time.sleep(0.1)
+    assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0)
+    assert metered.ledger("capped-failures") == []
+
+
+def test_a_stream_the_client_leaves_before_any_chunk_gives_its_reservation_back(metered):
+    import time
+
+    tenant = metered.tenant("capped-leaver", plan="free")
+    body = {"model": "test-model", "max_tokens": 500, "stream": True,
+            "messages": [{"role": "user", "content": "[[c=20 delay_ms=3000]] hi"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", metered.proxy.base_url + "/v1/chat/completions", json=body, timeout=1.0,
+                          headers={"Authorization": f"Bearer {tenant.key}"}) as response:
+            for _ in response.iter_bytes():
+                pass
+    account = Account("capped-leaver", calendar_month(datetime.now(UTC)).start)
+    for _ in range(100):  # the proxy notices the client left when the provider's first chunk arrives (~3 s)
+        if metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0):
+            break
+        time.sleep(0.1)
+    assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0)
+    assert metered.ledger("capped-leaver") == []
