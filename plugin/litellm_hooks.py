@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 
 import litellm
 from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
@@ -34,6 +35,7 @@ from plugin.identity import (
     request_labels,
 )
 from plugin.counters.base import Account, CounterError
+from plugin.ledger import store as ledger_store
 from plugin.ledger.store import BillingRecord
 from plugin.metering import FinishedCall, bill
 from plugin.policy import Estimate, ask, interpret, refusal_message
@@ -277,8 +279,8 @@ async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> Non
             cap_ucr=limit.ucr, expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now,
         )
     except CounterError as error:
+        await _counters_down(meterline, error)
         if meterline.settings.fail_mode == "open":
-            log.warning("meterline: %s; admitting without a reservation (METERLINE_FAIL_MODE=open)", error)
             return
         raise _refuse("billing_unavailable", "Spending limits cannot be checked right now, so the request was not "
                       "sent. Try again shortly.", 503) from None
@@ -289,6 +291,21 @@ async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> Non
         for key in [key for key in MAX_TOKENS_KEYS if key in data] or ["max_tokens"]:
             data[key] = decision.max_tokens
     state["reservation"] = {"period": period.start.isoformat(), "cap": limit.ucr}
+
+
+async def _counters_down(meterline: runtime.Meterline, error: CounterError) -> None:
+    """Log every time, alert the operator once a minute: caps are not enforced (open) or capped
+    customers are refused (closed) until the counter store answers again."""
+    mode = meterline.settings.fail_mode
+    consequence = ("capped customers are admitted without a reservation" if mode == "open"
+                   else "capped customers' requests are refused with 503")
+    log.warning("meterline: %s; %s (METERLINE_FAIL_MODE=%s)", error, consequence, mode)
+    if meterline.first_in_a_while("counters_unavailable"):
+        message = f"spending counters unreachable ({error}): {consequence} (METERLINE_FAIL_MODE={mode})"
+        try:
+            await asyncio.to_thread(ledger_store.add_alert, meterline.engine, "counters_unavailable", message)
+        except SQLAlchemyError as failure:  # the log line above still says it
+            log.error("meterline: could not record the counters alert: %s", failure.__class__.__name__)
 
 
 async def _within_ceiling(meterline: runtime.Meterline, state: dict, record: BillingRecord) -> BillingRecord:

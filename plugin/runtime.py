@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -113,6 +114,7 @@ class Meterline:
     config: MeterlineConfig
     model_cost: Mapping[str, Mapping[str, object]] | None = None
     _relay_thread: RelayThread | None = field(default=None, repr=False)
+    _last_alerts: dict[str, float] = field(default_factory=dict, repr=False)
 
     @cached_property
     def engine(self) -> Engine:
@@ -136,6 +138,17 @@ class Meterline:
         if self.settings.redis_url:
             return RedisCounterStore.from_url(self.settings.redis_url)
         return SqlCounterStore(self.engine)
+
+    def first_in_a_while(self, kind: str, every_seconds: float = 60.0) -> bool:
+        """True at most once per `every_seconds` per kind: alerts about an outage are raised once a
+        minute per process, not once per request."""
+        now = time.monotonic()
+        with _lock:
+            last = self._last_alerts.get(kind)
+            if last is not None and now - last < every_seconds:
+                return False
+            self._last_alerts[kind] = now
+            return True
 
     def ceiling(self, plan_name: str) -> Ceiling | None:
         """The customer's ceiling from its plan (hard limits and overage blocks join it with the limits API)."""

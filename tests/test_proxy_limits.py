@@ -10,6 +10,7 @@ import pytest
 
 from plugin.counters.base import Account, Snapshot
 from plugin.ledger import store
+from plugin.ledger.store import make_engine
 from plugin.plans import calendar_month
 
 pytestmark = pytest.mark.proxy
@@ -110,3 +111,40 @@ def test_a_stream_the_client_leaves_before_any_chunk_gives_its_reservation_back(
         time.sleep(0.1)
     assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0)
     assert metered.ledger("capped-leaver") == []
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_fail_mode_when_redis_is_unreachable(tmp_path, upstream, mode):
+    """Counters in a Redis nobody is running: `closed` refuses capped requests with a 503, `open` lets
+    them through unreserved; either way the operator gets one alert, and uncapped customers never notice."""
+    import openai
+
+    from tests.support.processes import free_port
+    from tests.support.proxy import run_proxy
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    keys = {}
+    for customer, plan in (("capped", "free"), ("uncapped", "pro")):
+        store.add_customer(engine, customer, plan)
+        keys[customer] = store.create_key(engine, customer)[1]
+    env = {"METERLINE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "METERLINE_FAIL_MODE": mode}
+    with run_proxy(tmp_path / "proxy", upstream.base_url, url, env=env) as proxy:
+        def client(customer: str) -> openai.OpenAI:
+            return openai.OpenAI(base_url=proxy.base_url + "/v1", api_key=keys[customer], max_retries=0)
+
+        ask = {"model": "test-model", "messages": [{"role": "user", "content": "[[c=3]] hi"}]}
+        assert client("uncapped").chat.completions.create(**ask).usage.completion_tokens == 3
+        for _ in range(3):
+            if mode == "open":
+                assert client("capped").chat.completions.create(**ask).usage.completion_tokens == 3
+            else:
+                with pytest.raises(openai.InternalServerError) as refused:
+                    client("capped").chat.completions.create(**ask)
+                assert refused.value.status_code == 503
+                assert refused.value.body["type"] == "billing_unavailable"
+                assert "Spending limits cannot be checked right now" in refused.value.body["message"]
+    [alert] = store.list_alerts(engine, "counters_unavailable")
+    assert f"METERLINE_FAIL_MODE={mode}" in alert.message and "redis counters: ConnectionError" in alert.message
+    assert len(list(store.ledger_rows(engine, "capped"))) == (3 if mode == "open" else 0)
+    engine.dispose()
