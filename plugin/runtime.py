@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from plugin import metrics
 from plugin.ledger.directory import Directory
-from plugin.ledger.store import make_engine
+from plugin.ledger.store import make_engine, used_since
 from plugin.ledger.writer import LedgerWriter
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.outbox.retry import RetryPolicy
@@ -136,7 +136,9 @@ class Meterline:
     def counters(self) -> CounterStore:
         """Redis when METERLINE_REDIS_URL is set, else the embedded store in the ledger's database."""
         if self.settings.redis_url:
-            return RedisCounterStore.from_url(self.settings.redis_url)
+            engine = self.engine
+            return RedisCounterStore.from_url(
+                self.settings.redis_url, lambda account: used_since(engine, account.customer_id, account.period))
         return SqlCounterStore(self.engine)
 
     def first_in_a_while(self, kind: str, every_seconds: float = 60.0) -> bool:

@@ -68,7 +68,8 @@ class MeteredProxy:
     def counters(self):
         """The counter store this proxy uses, for looking at it from the test."""
         if self.redis_url:
-            return RedisCounterStore.from_url(self.redis_url)
+            return RedisCounterStore.from_url(
+                self.redis_url, lambda account: store.used_since(self.engine, account.customer_id, account.period))
         return SqlCounterStore(self.engine)
 
     def tenant(self, customer_id: str, plan: str = "pro") -> Tenant:

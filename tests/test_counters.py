@@ -17,7 +17,7 @@ from sqlalchemy import text
 from plugin.counters.base import Account, CounterError, Snapshot
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
-from plugin.ledger.store import make_engine
+from plugin.ledger.store import BillingRecord, LedgerRow, make_engine, used_since, write_records
 from plugin.policy import Ask, Ceiling, Refusal, grant, settle
 from tests.support.processes import free_port
 
@@ -26,21 +26,26 @@ LATER = NOW + timedelta(minutes=5)
 ACME = Account("acme", datetime(2026, 11, 1, tzinfo=UTC))
 
 
+@pytest.fixture
+def ledger_engine(request, tmp_path):
+    """The ledger the counters start from: the same database for the embedded store, SQLite beside Redis."""
+    if "postgres" in request.node.name:
+        engine = make_engine(request.getfixturevalue("postgres_url"))
+        with engine.begin() as connection:
+            connection.execute(text("TRUNCATE counters, reservations, ledger, outbox, alerts CASCADE"))
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    yield engine
+    engine.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgres", "redis"])
-def counters(request, tmp_path):
+def counters(request, ledger_engine):
     if request.param == "redis":
         client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
         client.flushdb()
-        yield RedisCounterStore(client)
-        return
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'counters.db'}")
-    else:
-        engine = make_engine(request.getfixturevalue("postgres_url"))
-        with engine.begin() as connection:
-            connection.execute(text("TRUNCATE counters, reservations"))
-    yield SqlCounterStore(engine)
-    engine.dispose()
+        return RedisCounterStore(client, lambda account: used_since(ledger_engine, account.customer_id, account.period))
+    return SqlCounterStore(ledger_engine)
 
 
 def test_reserve_grants_the_full_ask_then_what_is_left_then_refuses(counters):
@@ -106,6 +111,36 @@ def test_rebuild_sets_used_from_the_ledger_and_keeps_reservations(counters):
     assert counters.reserve(ACME, "r2", Ask(3000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 1000
 
 
+def bill_in_ledger(engine, credits_ucr: int, at: datetime, ledger_id: str) -> None:
+    write_records(engine, [BillingRecord(LedgerRow(id=ledger_id, customer_id="acme", model="m", credits_ucr=credits_ucr,
+                                                   created_at=at))])
+
+
+def test_counters_start_from_what_the_ledger_billed_this_period(counters, ledger_engine):
+    """Usage from before the counters (an upgrade, a plan change, a flushed Redis) still counts."""
+    bill_in_ledger(ledger_engine, 9000, ACME.period + timedelta(days=2), "before")
+    bill_in_ledger(ledger_engine, 5000, ACME.period - timedelta(seconds=1), "last-period")
+    assert counters.reserve(ACME, "r1", Ask(3000, 500), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 1000
+    assert counters.snapshot(ACME, NOW) == Snapshot(9000, 1000)
+
+
+def test_a_flushed_redis_starts_again_from_the_ledger(redis_url, tmp_path):
+    """Only Redis can lose its counters (the embedded store lives in the ledger's own database)."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    counters = RedisCounterStore(client, lambda account: used_since(engine, account.customer_id, account.period))
+    counters.reserve(ACME, "r1", Ask(4000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    bill_in_ledger(engine, counters.settle(ACME, "r1", 4000, cap_ucr=10_000), NOW, "r1")
+    client.flushdb()
+    assert counters.reserve(ACME, "r2", Ask(9000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 6000
+    bill_in_ledger(engine, counters.settle(ACME, "r2", 6000, cap_ucr=10_000), NOW, "r2")
+    client.flushdb()  # a settlement after a flush starts from the ledger too: the cap is already used up
+    assert counters.settle(ACME, "late", 500, cap_ucr=10_000) == 0
+    assert counters.snapshot(ACME, NOW) == Snapshot(10_000, 0)
+    engine.dispose()
+
+
 def test_every_backend_computes_what_the_policy_says(counters):
     """A long random sequence of reserve / settle / release, compared step by step with the pure policy."""
     rng = random.Random(4)
@@ -157,7 +192,7 @@ def test_concurrent_reservations_never_overspend(counters):
 
 
 def test_an_unreachable_redis_is_a_counter_error():
-    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0", lambda account: 0)
     with pytest.raises(CounterError, match="redis counters: ConnectionError"):
         store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
 

@@ -8,6 +8,7 @@ checks them against those functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from importlib.resources import files
 
@@ -34,22 +35,44 @@ def _cap(cap_ucr: int | None) -> str:
     return "" if cap_ucr is None else str(cap_ucr)
 
 
+UNSEEDED = -2
+"""What a script answers for an account with no `used` yet (new, or Redis was flushed)."""
+
+
 class RedisCounterStore:
-    def __init__(self, client: redis.Redis) -> None:
+    """`ledger_used(account)` is what the ledger billed the account so far: an account's counters start
+    from it, so a new period, a flushed Redis or usage from before the counters all start right."""
+
+    def __init__(self, client: redis.Redis, ledger_used: Callable[[Account], int]) -> None:
         self.client = client
+        self.ledger_used = ledger_used
         self._reserve = _script(client, "reserve")
         self._settle = _script(client, "settle")
         self._snapshot = _script(client, "snapshot")
 
     @classmethod
-    def from_url(cls, url: str) -> RedisCounterStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))
+    def from_url(cls, url: str, ledger_used: Callable[[Account], int]) -> RedisCounterStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), ledger_used)
 
     def _call(self, script, account: Account, *args) -> list | int:
+        """Run a script; if the account is unseeded, seed `used` from the ledger (HSETNX: a concurrent
+        seeder wins harmlessly, both read the same ledger) and run it once more."""
+        keys = account_keys(account)
         try:
-            return script(keys=account_keys(account).all(), args=list(args))
+            answer = script(keys=keys.all(), args=list(args))
+            if answer == UNSEEDED or (isinstance(answer, list) and answer[0] == UNSEEDED):
+                self.client.hsetnx(keys.counters, "used", self._seed(account))
+                answer = script(keys=keys.all(), args=list(args))
+            return answer
         except redis.RedisError as error:
             raise CounterError(f"redis counters: {error.__class__.__name__}") from error
+
+    def _seed(self, account: Account) -> int:
+        try:
+            return self.ledger_used(account)
+        except Exception as error:  # whatever the ledger raised, callers handle one error type
+            raise CounterError(f"redis counters: cannot read the ledger to start from: {error.__class__.__name__}") \
+                from error
 
     def reserve(self, account: Account, reservation_id: str, ask: Ask, *, cap_ucr: int | None,
                 expires_at: datetime, now: datetime) -> Grant:

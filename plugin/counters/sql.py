@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin.counters.base import Account, CounterError, Grant, Snapshot
 from plugin.ledger.models import CounterRow, ReservationRow
+from plugin.ledger.store import billed_since
 from plugin.policy import Ask, Ceiling, Refusal, grant, settle
 
 _COUNTERS = CounterRow.__table__
@@ -46,10 +47,13 @@ class SqlCounterStore:
             raise CounterError(f"embedded counters: {error.__class__.__name__}") from error
 
     def _lock(self, connection: Connection, account: Account) -> tuple[int, int]:
-        """Make sure the account row exists, lock it, return (used, reserved)."""
+        """Make sure the account row exists, lock it, return (used, reserved). A new row starts from
+        what the ledger already billed this period (usage from before the counters existed)."""
+        seed = select(literal(account.customer_id), literal(account.period_key),
+                      billed_since(account.customer_id, account.period).scalar_subquery(), literal(0))
         connection.execute(
-            self._insert(_COUNTERS).values(customer_id=account.customer_id, period=account.period_key, used_ucr=0,
-                                           reserved_ucr=0).on_conflict_do_nothing()
+            self._insert(_COUNTERS).from_select(["customer_id", "period", "used_ucr", "reserved_ucr"], seed)
+            .on_conflict_do_nothing()
         )
         row = connection.execute(
             select(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr).where(*self._account(account)).with_for_update()

@@ -290,6 +290,17 @@ class UsageTotals:
     by_member: dict[str, int]
 
 
+def billed_since(customer_id: str, start: datetime):
+    """SELECT of the µcr billed to a customer from `start` on: what its counters start from."""
+    return select(func.coalesce(func.sum(_LEDGER.c.credits_ucr), 0)).where(
+        _LEDGER.c.customer_id == customer_id, _LEDGER.c.created_at >= start)
+
+
+def used_since(engine: Engine, customer_id: str, start: datetime) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(billed_since(customer_id, start)).scalar_one())
+
+
 def usage_totals(engine: Engine, customer_id: str, start: datetime, end: datetime) -> UsageTotals:
     """Credits billed to a customer in [start, end), in total and per model, action and member."""
     window = (

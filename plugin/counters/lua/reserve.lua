@@ -9,7 +9,12 @@
 -- ARGV[5] expiry of this reservation, Unix ms
 -- ARGV[6] now, Unix ms
 -- ARGV[7] seconds to keep the keys (past the period's end)
--- Returns {granted µcr or -1 (refused), µcr left before this reservation or -1 (no ceiling)}
+-- Returns {granted µcr or -1 (refused), µcr left before this reservation or -1 (no ceiling)},
+-- or {-2, -1} when the account has no `used` yet: the caller seeds it from the ledger and calls again.
+
+if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
+  return {-2, -1}
+end
 
 local freed = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])) do

@@ -5,7 +5,11 @@
 -- ARGV[1] reservation id
 -- ARGV[2] real usage, µcr (0 to release without billing)
 -- ARGV[3] ceiling, µcr ("" = none)
--- Returns the µcr billed.
+-- Returns the µcr billed, or -2 when the account has no `used` (Redis was flushed): seed, call again.
+
+if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
+  return -2
+end
 
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 redis.call('HDEL', KEYS[2], ARGV[1])
