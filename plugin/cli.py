@@ -18,6 +18,7 @@ import stripe
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin import runtime
+from plugin.counters.base import CounterError
 from plugin.ledger import store
 from plugin.ledger.models import LedgerEntry
 from plugin.outbox import store as outbox_store
@@ -446,6 +447,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
     except (BadInput, ConfigError, store.StoreError) as problem:
         print(str(problem).splitlines()[0], file=sys.stderr)
         return 2
+    except CounterError as problem:  # the message names the backend and the error class, no addresses
+        print(f"meterline: spending counters unreachable ({problem}); check METERLINE_REDIS_URL", file=sys.stderr)
+        return 1
     except stripe.StripeError as problem:  # Stripe masks keys in its messages; keep one line
         print(f"meterline: Stripe refused: {' '.join(str(problem.user_message or problem).split())[:300]}",
               file=sys.stderr)

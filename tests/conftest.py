@@ -46,7 +46,7 @@ def database_url(request, tmp_path) -> str:
     url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers CASCADE"))
+        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers, counters, reservations CASCADE"))
     engine.dispose()
     return url
 

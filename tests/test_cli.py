@@ -233,6 +233,22 @@ def test_usage_json_has_the_contract_keys_and_correct_sums(cli, ledger):
         assert type(report[key]) is int, key
 
 
+def test_usage_json_counts_reservations_in_flight(cli, ledger):
+    """A capped customer's requests in flight hold part of the cap: the report shows it and what is left."""
+    from datetime import timedelta
+
+    from plugin.counters.base import Account
+    from plugin.policy import Ask
+
+    now = datetime.now(UTC)
+    account = Account("acme", calendar_month(now).start)
+    granted = runtime.current().counters.reserve(account, "in-flight", Ask(3 * M, M), cap_ucr=100 * M,
+                                                 expires_at=now + timedelta(minutes=5), now=now)
+    assert granted.granted_ucr == 3 * M
+    report = json.loads(cli("usage", "acme", "--json")[1])
+    assert (report["reserved_ucr"], report["remaining_ucr"]) == (3 * M, 100 * M - 1_750_000 - 3 * M)
+
+
 def test_usage_json_of_an_uncapped_plan(cli, ledger):
     report = json.loads(cli("usage", "beta", "--json")[1])
     assert report["plan"] == "pro"

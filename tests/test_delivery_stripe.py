@@ -252,7 +252,7 @@ def test_two_workers_on_postgres_never_send_the_same_event(postgres_url, emulato
     no duplicate at Stripe, and no 429 from Stripe's one-call-per-customer rule."""
     engine = make_engine(postgres_url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers CASCADE"))
+        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers, counters, reservations CASCADE"))
     ids = fill(engine, emulator, customers=6, events=300, prefix="pg2")
     calls_before = emulator.calls().get("POST /v1/billing/meter_events", 0)
     log_before = emulator.meter_event_log()
