@@ -47,17 +47,25 @@ class SqlCounterStore:
             raise CounterError(f"embedded counters: {error.__class__.__name__}") from error
 
     def _lock(self, connection: Connection, account: Account) -> tuple[int, int]:
-        """Make sure the account row exists, lock it, return (used, reserved). A new row starts from
-        what the ledger already billed this period (usage from before the counters existed)."""
-        seed = select(literal(account.customer_id), literal(account.period_key),
-                      billed_since(account.customer_id, account.period).scalar_subquery(), literal(0))
-        connection.execute(
-            self._insert(_COUNTERS).from_select(["customer_id", "period", "used_ucr", "reserved_ucr"], seed)
-            .on_conflict_do_nothing()
-        )
+        """Lock the account row and return (used, reserved), creating it on first use.
+
+        The no-op UPDATE is the cheap write that takes SQLite's write lock and Postgres's row lock
+        before anything is read. Only a new row pays for reading the ledger: it starts from what the
+        ledger already billed this period (usage from before the counters existed)."""
         row = connection.execute(
-            select(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr).where(*self._account(account)).with_for_update()
-        ).one()
+            update(_COUNTERS).where(*self._account(account)).values(used_ucr=_COUNTERS.c.used_ucr)
+            .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr)
+        ).first()
+        if row is None:
+            seed = select(literal(account.customer_id), literal(account.period_key),
+                          billed_since(account.customer_id, account.period).scalar_subquery(), literal(0))
+            connection.execute(
+                self._insert(_COUNTERS).from_select(["customer_id", "period", "used_ucr", "reserved_ucr"], seed)
+                .on_conflict_do_nothing()
+            )
+            row = connection.execute(
+                select(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr).where(*self._account(account)).with_for_update()
+            ).one()
         return int(row.used_ucr), int(row.reserved_ucr)
 
     @staticmethod
