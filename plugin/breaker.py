@@ -92,6 +92,12 @@ def typical_hourly_ucr(trailing_spend_ucr: int, hours_observed: Fraction, config
     return max(config.floor_ucr_per_hour, round_half_up(Fraction(trailing_spend_ucr) / hours))
 
 
+def window_spend_ucr(this_hour_ucr: int, previous_hour_ucr: int, seconds_into_hour: int) -> int:
+    """Spend in the last 60 minutes from two clock-hour buckets: all of this hour, and the part of the
+    previous hour still inside the window (assumed spread evenly), rounded down."""
+    return this_hour_ucr + previous_hour_ucr * (3600 - seconds_into_hour) // 3600
+
+
 def threshold_ucr(typical_ucr: int, config: BreakerConfig) -> int:
     """Spend in the window above which the breaker trips."""
     return round_half_up(typical_ucr * config.multiplier)

@@ -7,24 +7,29 @@ import asyncio
 import csv
 import io
 import json
+import os
 import re
 import signal
 import sys
 import time
 from datetime import UTC, datetime
+from fractions import Fraction
 from typing import TextIO
 
 import stripe
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin import runtime
+from plugin.api.controls import LimitsRefused, breaker_json, limits_json, move_breaker, validated_limits
 from plugin.counters.base import CounterError
-from plugin.ledger import store
+from plugin.ledger import accounts, store
+from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK
 from plugin.ledger.models import LedgerEntry
 from plugin.outbox import store as outbox_store
 from plugin.outbox.retry import Status
 from plugin.reports import UnknownCustomer, usage_report
-from plugin.settings import ConfigError, valid_customer_id
+from plugin.plans import credits_to_ucr
+from plugin.settings import ConfigError, TermsOverride, valid_customer_id
 from plugin.sinks.stripe import StripeConfig
 from plugin.stripe_setup import StripeSetup
 
@@ -72,6 +77,42 @@ def cmd_customers_add(args, out: TextIO) -> None:
         raise BadInput(f"unknown plan {args.plan!r}; plans in meterline.yaml: {', '.join(sorted(meterline.config.plans))}")
     customer = store.add_customer(meterline.engine, args.customer_id, args.plan, args.stripe_customer)
     print(f"customer {customer.id} added on plan {customer.plan}", file=out)
+
+
+def _iso_moment(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO date and time, e.g. 2026-11-15T00:00:00Z, got {value!r}") \
+            from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _decimal(value: str) -> str:
+    if not re.fullmatch(r"\d{1,12}(\.\d{1,12})?", value):
+        raise argparse.ArgumentTypeError(f"expected a non-negative decimal number, e.g. 0.0015, got {value!r}")
+    return value
+
+
+def cmd_customers_set(args, out: TextIO) -> None:
+    """Change a customer's plan, period anchor or own terms (enterprise deals)."""
+    meterline = runtime.current()
+    if args.plan is not None and args.plan not in meterline.config.plans:
+        raise BadInput(f"unknown plan {args.plan!r}; plans in meterline.yaml: {', '.join(sorted(meterline.config.plans))}")
+    given = {"included_credits": args.included_credits, "cap_credits": args.cap_credits,
+             "base_fee_usd": args.base_fee_usd, "overage_usd_per_credit": args.overage_usd_per_credit,
+             "requests_per_minute": args.requests_per_minute}
+    given = {name: value for name, value in given.items() if value is not None}
+    try:
+        terms = TermsOverride.model_validate(given) if given else None
+    except ValueError as invalid:
+        raise BadInput(f"invalid terms: {str(invalid).splitlines()[0]}") from None
+    customer = accounts.set_terms(meterline.engine, args.customer_id, plan=args.plan, terms=terms,
+                                  clear_terms=args.clear_terms, period_anchor=args.anchor)
+    anchor = "calendar months" if customer.period_anchor is None else \
+        f"monthly from {store.as_utc(customer.period_anchor).isoformat()}"
+    print(f"customer {customer.id}: plan {customer.plan}, periods {anchor}, own terms {customer.terms or 'none'}",
+          file=out)
 
 
 def cmd_customers_list(args, out: TextIO) -> None:
@@ -143,6 +184,68 @@ def cmd_usage(args, out: TextIO) -> None:
             print(title, file=out)
             for name, ucr in sorted(report[key].items(), key=lambda item: -item[1]):
                 print(f"  {name:<30} {credits(ucr)}", file=out)
+
+
+def cmd_limits_show(args, out: TextIO) -> None:
+    meterline = runtime.current()
+    profile = accounts.load_profile(meterline.engine, args.customer_id)
+    if profile is None:
+        raise BadInput(f"unknown customer {args.customer_id!r}")
+    print(json.dumps(limits_json(meterline, profile)), file=out)
+
+
+def cmd_limits_set(args, out: TextIO) -> None:
+    """The operator sets a customer's limits; the same validation as PUT /customers/{id}/limits."""
+    body = {}
+    if args.soft is not None:
+        body["soft_thresholds_pct"] = None if args.soft == "default" else [
+            int(part) if part.strip().isdigit() else part for part in args.soft.split(",")]
+    if args.hard_credits is not None:
+        body["hard_limit_ucr"] = None if args.hard_credits == "none" else credits_to_ucr(_credits(args.hard_credits))
+    if args.hard_usd is not None:
+        body["hard_limit_usd"] = None if args.hard_usd == "none" else args.hard_usd
+    if args.block_overage is not None:
+        body["block_overage"] = args.block_overage == "on"
+    for name in ("notify_email", "notify_webhook_url"):
+        if getattr(args, name) is not None:
+            body[name] = None if getattr(args, name) == "none" else getattr(args, name)
+    if not body:
+        raise BadInput("nothing to change: give --soft, --hard-credits, --hard-usd, --block-overage, --notify-email "
+                       "or --notify-webhook-url")
+    meterline = runtime.current()
+    try:
+        limits = validated_limits(meterline, args.customer_id, body)
+    except LimitsRefused as refused:
+        raise BadInput(str(refused)) from None
+    accounts.put_limits(meterline.engine, args.customer_id, limits, by="cli")
+    print(json.dumps(limits_json(meterline, accounts.load_profile(meterline.engine, args.customer_id))), file=out)
+
+
+def _credits(value: str) -> Fraction:
+    if not re.fullmatch(r"\d{1,12}(\.\d{1,6})?", value):
+        raise BadInput(f"expected credits as a decimal number, e.g. 500 or 2.5, got {value!r}")
+    return Fraction(value)
+
+
+def cmd_breaker(args, out: TextIO) -> None:
+    meterline = runtime.current()
+    if args.action == "status":
+        if store.get_customer(meterline.engine, args.customer_id) is None:
+            raise BadInput(f"unknown customer {args.customer_id!r}")
+        answer = breaker_json(args.customer_id, accounts.get_breaker(meterline.engine, args.customer_id),
+                              accounts.breaker_events(meterline.engine, args.customer_id, limit=20))
+    else:
+        answer = move_breaker(meterline, args.customer_id, args.action, f"cli:{args.by}", args.why)
+    print(json.dumps(answer), file=out)
+
+
+def cmd_overage_block(args, out: TextIO) -> None:
+    engine = runtime.current().engine
+    if args.state != "status":
+        accounts.set_switch(engine, GLOBAL_OVERAGE_BLOCK, args.state == "on", by="cli")
+    enabled = accounts.get_switch(engine, GLOBAL_OVERAGE_BLOCK)
+    print(f"global overage block is {'on: no customer is billed past its included quota' if enabled else 'off'}",
+          file=out)
 
 
 def export_row(entry: LedgerEntry) -> dict:
@@ -367,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
     set_stripe.add_argument("customer_id", type=_customer_id)
     set_stripe.add_argument("stripe_customer", type=_stripe_customer_id)
     set_stripe.set_defaults(run=cmd_customers_set_stripe)
+    change = customers.add_parser("set", help="change a customer's plan, period anchor or own terms")
+    change.add_argument("customer_id", type=_customer_id)
+    change.add_argument("--plan", default=None)
+    change.add_argument("--anchor", type=_iso_moment, default=None,
+                        help="billing periods start monthly from here (its subscription's start)")
+    change.add_argument("--included-credits", type=_decimal, default=None)
+    change.add_argument("--cap-credits", type=_decimal, default=None)
+    change.add_argument("--base-fee-usd", type=_decimal, default=None)
+    change.add_argument("--overage-usd-per-credit", type=_decimal, default=None)
+    change.add_argument("--requests-per-minute", type=_positive_int, default=None)
+    change.add_argument("--clear-terms", action="store_true", help="drop the customer's own terms first")
+    change.set_defaults(run=cmd_customers_set)
     listing = customers.add_parser("list", help="list customers")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=cmd_customers_list)
@@ -386,6 +501,32 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("customer_id", type=_customer_id)
     usage.add_argument("--json", action="store_true")
     usage.set_defaults(run=cmd_usage)
+
+    limits = commands.add_parser("limits", help="a customer's limits").add_subparsers(dest="action", required=True)
+    show = limits.add_parser("show", help="print a customer's limits as JSON")
+    show.add_argument("customer_id", type=_customer_id)
+    show.set_defaults(run=cmd_limits_show)
+    set_limits = limits.add_parser("set", help="change a customer's limits (`none` clears one)")
+    set_limits.add_argument("customer_id", type=_customer_id)
+    set_limits.add_argument("--soft", default=None, help="soft thresholds in percent, e.g. 50,80,100 (or `default`)")
+    set_limits.add_argument("--hard-credits", default=None, help="hard limit in credits (or `none`)")
+    set_limits.add_argument("--hard-usd", default=None, help='hard limit in dollars of usage charges, e.g. 25.50')
+    set_limits.add_argument("--block-overage", choices=("on", "off"), default=None)
+    set_limits.add_argument("--notify-email", default=None)
+    set_limits.add_argument("--notify-webhook-url", default=None)
+    set_limits.set_defaults(run=cmd_limits_set)
+
+    breaker_command = commands.add_parser("breaker", help="a customer's circuit breaker")
+    breaker_command.add_argument("action", choices=("status", "trip", "reset"))
+    breaker_command.add_argument("customer_id", type=_customer_id)
+    breaker_command.add_argument("--why", default="", help="recorded in the audit log")
+    breaker_command.add_argument("--by", default=os.environ.get("USER") or "operator",
+                                 help="who is acting, for the audit log")
+    breaker_command.set_defaults(run=cmd_breaker)
+
+    overage = commands.add_parser("overage-block", help="the global overage kill switch")
+    overage.add_argument("state", choices=("on", "off", "status"))
+    overage.set_defaults(run=cmd_overage_block)
 
     ledger = commands.add_parser("ledger", help="the ledger").add_subparsers(dest="action", required=True)
     export = ledger.add_parser("export", help="export ledger rows")

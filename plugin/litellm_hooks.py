@@ -19,26 +19,22 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import litellm
 from fastapi import Request
-from sqlalchemy.exc import SQLAlchemyError
 from litellm.integrations.custom_logger import CustomLogger
 from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
-from plugin import runtime
+from plugin import admission, runtime
 from plugin.api import PREFIX, router
 from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
     request_labels,
 )
-from plugin.counters.base import Account, CounterError
-from plugin.ledger import store as ledger_store
 from plugin.ledger.store import BillingRecord
 from plugin.metering import FinishedCall, bill
-from plugin.policy import Estimate, ask, interpret, refusal_message
 from plugin.pricing import Usage
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
 
@@ -55,9 +51,12 @@ def _meterline() -> runtime.Meterline:
     return runtime.current(model_cost=litellm.model_cost)
 
 
-def _refuse(reason: str, message: str, status: int) -> ProxyException:
+def _refuse(reason: str, message: str, status: int, retry_after: float | None = None) -> ProxyException:
     """An OpenAI-shaped error: LiteLLM puts the status in error.code, our reason in error.type."""
-    return ProxyException(message=message, type=reason, param=None, code=status, headers={"x-meterline-error": reason})
+    headers = {"x-meterline-error": reason}
+    if retry_after is not None:
+        headers["retry-after"] = str(max(1, round(retry_after)))
+    return ProxyException(message=message, type=reason, param=None, code=status, headers=headers)
 
 
 def _new_ledger_id() -> str:
@@ -143,7 +142,7 @@ class MeterlineLogger(CustomLogger):
                                            traceback_str=None):
         """The request failed for good (after retries and fallbacks): free its reservation."""
         state = _state(request_data)
-        if state is not None and state.get("reservation"):
+        if state is not None and state.get("admitted", {}).get("reserved"):
             await _release(_meterline(), state)
         return None
 
@@ -186,7 +185,7 @@ class MeterlineLogger(CustomLogger):
                 usage = _counted_usage(request_data, "".join(delivered))
                 hidden = {**_hidden_params(held), **wrapper_hidden}
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
-            elif state.get("reservation"):
+            elif state.get("admitted", {}).get("reserved"):
                 _background(_release(_meterline(), state))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
@@ -204,7 +203,9 @@ class MeterlineLogger(CustomLogger):
         state = _state(data)
         if state is None or "credits_ucr" not in state:
             return None
-        return {"x-meterline-credits": str(state["credits_ucr"])}
+        remaining = state.get("remaining")
+        return {"x-meterline-credits": str(state["credits_ucr"]),
+                "x-meterline-remaining": "unlimited" if remaining is None else str(remaining)}
 
 
 def _metadata_field(data: Mapping[str, object]) -> str:
@@ -257,85 +258,56 @@ async def _settle(
 
 
 async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> None:
-    """Reserve the request's worst case against the customer's ceiling: admit, clamp max_tokens, or
-    refuse with 402. Customers without a ceiling skip this entirely."""
-    customer = state["customer"]
-    plan = meterline.directory.cached_plan(customer) or await asyncio.to_thread(meterline.directory.plan_of, customer)
-    limit = meterline.ceiling(plan) if plan else None
-    if limit is None:
-        return
-    policies = meterline.config.policies
-    model = str(data.get("model") or "")
-    input_rate, output_rate = meterline.price_book.token_rates(model)
+    """Admit the request (plugin.admission): refuse it, or let it through, its max_tokens lowered
+    to what the customer can still afford."""
     asked = next((data[key] for key in MAX_TOKENS_KEYS if isinstance(data.get(key), int) and data[key] > 0), None)
-    estimate = Estimate(_counted_usage(data, "").prompt_tokens * input_rate, output_rate,
-                        asked or policies.reservation_output_tokens)
-    now = datetime.now(UTC)
-    period = meterline.period(customer, now)
-    account = Account(customer, period.start)
     try:
-        granted = await asyncio.to_thread(
-            meterline.counters.reserve, account, state["ledger_id"], ask(estimate, policies.min_output_tokens),
-            cap_ucr=limit.ucr, expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now,
+        admitted = await admission.admit(
+            meterline, state["customer"], state["ledger_id"], model=str(data.get("model") or ""),
+            asked_max_tokens=asked, prompt_tokens=lambda: _counted_usage(data, "").prompt_tokens,
         )
-    except CounterError as error:
-        await _counters_down(meterline, error)
-        if meterline.settings.fail_mode == "open":
-            return
-        raise _refuse("billing_unavailable", "Spending limits cannot be checked right now, so the request was not "
-                      "sent. Try again shortly.", 503) from None
-    decision = interpret(estimate, granted.granted_ucr, available_ucr=granted.available_ucr, limit=limit)
-    if not decision.admit:
-        raise _refuse(decision.reason, refusal_message(decision.reason, limit, plan, period.end), 402)
-    if decision.max_tokens is not None:
+    except admission.Refused as refused:
+        raise _refuse(refused.reason, refused.message, refused.status, refused.retry_after) from None
+    if admitted.max_tokens is not None:
         for key in [key for key in MAX_TOKENS_KEYS if key in data] or ["max_tokens"]:
-            data[key] = decision.max_tokens
-    state["reservation"] = {"period": period.start.isoformat(), "cap": limit.ucr}
+            data[key] = admitted.max_tokens
+    state["admitted"] = {"period": admitted.period_start.isoformat(), "cap": admitted.cap_ucr,
+                         "reserved": admitted.reserved, "metered": admitted.metered}
 
 
-async def _counters_down(meterline: runtime.Meterline, error: CounterError) -> None:
-    """Log every time, alert the operator once a minute: caps are not enforced (open) or capped
-    customers are refused (closed) until the counter store answers again."""
-    mode = meterline.settings.fail_mode
-    consequence = ("capped customers are admitted without a reservation" if mode == "open"
-                   else "capped customers' requests are refused with 503")
-    log.warning("meterline: %s; %s (METERLINE_FAIL_MODE=%s)", error, consequence, mode)
-    if meterline.first_in_a_while("counters_unavailable"):
-        message = f"spending counters unreachable ({error}): {consequence} (METERLINE_FAIL_MODE={mode})"
-        try:
-            await asyncio.to_thread(ledger_store.add_alert, meterline.engine, "counters_unavailable", message)
-        except SQLAlchemyError as failure:  # the log line above still says it
-            log.error("meterline: could not record the counters alert: %s", failure.__class__.__name__)
+def _admitted(state: dict) -> admission.Admitted:
+    saved = state["admitted"]
+    return admission.Admitted(state["customer"], datetime.fromisoformat(saved["period"]), saved["cap"],
+                              saved["reserved"], metered=saved["metered"])
 
 
 async def _within_ceiling(meterline: runtime.Meterline, state: dict, record: BillingRecord) -> BillingRecord:
-    """Settle the reservation: the counters bill real usage, never past the ceiling. What could not be
+    """Settle through the counters: real usage is billed, never past the ceiling. What could not be
     billed (the estimate fell short) is reported in an alert, not silently dropped."""
-    reservation = state.pop("reservation", None)
-    if not reservation:
+    if "admitted" not in state:
         return record
-    account = Account(state["customer"], datetime.fromisoformat(reservation["period"]))
+    admitted = _admitted(state)
     credits = record.entry.credits_ucr
-    try:
-        billed = await asyncio.to_thread(meterline.counters.settle, account, record.entry.id, credits,
-                                         cap_ucr=reservation["cap"])
-    except CounterError as error:  # the ledger stays the truth; counters are rebuilt from it
-        log.warning("meterline: could not settle %s: %s", record.entry.id, error)
+    settled = await admission.settle(meterline, admitted, record.entry.id, credits)
+    state["admitted"]["reserved"] = False
+    if not admitted.metered:
+        record = replace(record, meter=False)
+    if settled is None:
         return record
-    if billed >= credits:
+    state["remaining"] = None if admitted.cap_ucr is None else max(
+        0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr)
+    _background(admission.after_settle(meterline, admitted, settled))
+    if settled.billed_ucr >= credits:
         return record
-    note = f"{credits - billed} µcr of usage not billed: it would have crossed the customer's ceiling"
-    return BillingRecord(replace(record.entry, credits_ucr=billed),
-                         alert=f"{record.alert}; {note}" if record.alert else note)
+    note = f"{credits - settled.billed_ucr} µcr of usage not billed: it would have crossed the customer's ceiling"
+    return replace(record, entry=replace(record.entry, credits_ucr=settled.billed_ucr),
+                   alert=f"{record.alert}; {note}" if record.alert else note)
 
 
 async def _release(meterline: runtime.Meterline, state: dict) -> None:
-    reservation = state.pop("reservation", None)
-    account = Account(state["customer"], datetime.fromisoformat(reservation["period"]))
-    try:
-        await asyncio.to_thread(meterline.counters.release, account, state["ledger_id"])
-    except CounterError as error:  # it expires by itself after policies.reservation_seconds
-        log.warning("meterline: could not release %s: %s", state["ledger_id"], error)
+    admitted = _admitted(state)
+    state["admitted"]["reserved"] = False
+    await admission.release(meterline, admitted, state["ledger_id"])
 
 
 def _served_model_group(data: Mapping, hidden: Mapping) -> str:
@@ -400,6 +372,7 @@ def _mount_api() -> None:
 
 
 _meterline().start()
+_meterline().prompt_token_counter = lambda model, messages: litellm.token_counter(model=model, messages=messages)
 _mount_api()
 
 meterline_logger = MeterlineLogger()

@@ -42,20 +42,22 @@ class Ceiling:
 
     ucr: int
     reason: Refusal
+    usd: Fraction | None = None
+    """Set when the customer wrote the limit in currency: the refusal then names that amount."""
 
 
 def ceiling(*, plan_cap_ucr: int | None, hard_limit_ucr: int | None, included_ucr: int,
-            block_overage: bool) -> Ceiling | None:
+            block_overage: bool, hard_limit_usd: Fraction | None = None) -> Ceiling | None:
     """The effective ceiling (DESIGN: `cap_ucr`), or None when the customer is unlimited.
 
     The smallest wins; on a tie the plan cap is named first, then the hard limit, then the
     overage block, so the message points at the rule the customer can least change.
     """
     candidates = [
-        Ceiling(cap, reason) for cap, reason in (
-            (plan_cap_ucr, Refusal.FREE_CAP),
-            (hard_limit_ucr, Refusal.HARD_LIMIT),
-            (included_ucr if block_overage else None, Refusal.OVERAGE_BLOCKED),
+        Ceiling(cap, reason, usd) for cap, reason, usd in (
+            (plan_cap_ucr, Refusal.FREE_CAP, None),
+            (hard_limit_ucr, Refusal.HARD_LIMIT, hard_limit_usd),
+            (included_ucr if block_overage else None, Refusal.OVERAGE_BLOCKED, None),
         ) if cap is not None
     ]
     return min(candidates, key=lambda candidate: candidate.ucr, default=None)
@@ -189,16 +191,29 @@ def credits_text(ucr: int) -> str:
     return format((Decimal(ucr) / UCR).normalize(), "f")
 
 
-def refusal_message(reason: Refusal, limit: Ceiling, plan: str, period_end: datetime) -> str:
-    """What a refused customer reads: what happened, and what to do next."""
-    amount, until = credits_text(limit.ucr), period_end.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+def usd_text(amount: Fraction) -> str:
+    """Dollars for people: cents always shown, more places only when the amount has them ("$25.00", "$0.125")."""
+    exact = Decimal(amount.numerator) / Decimal(amount.denominator)
+    places = max(2, -exact.normalize().as_tuple().exponent)
+    return f"${exact:.{places}f}"
+
+
+def refusal_message(reason: Refusal, limit: Ceiling, plan: str, period_end: datetime, *,
+                    detail: str = "full") -> str:
+    """What a refused customer reads: what happened, and what to do next. With `detail="minimal"`
+    (policy `refusal_detail`) no amount is shown, for apps that relay the message to end users."""
+    until = period_end.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    amount = usd_text(limit.usd) if limit.usd is not None else f"{credits_text(limit.ucr)} credits"
+    full = detail == "full"
     match reason:
         case Refusal.FREE_CAP:
-            return (f"You've used the {amount} credits of your {plan} plan for this period. Upgrade your plan to "
-                    f"continue, or wait until {until}.")
+            used = f"the {amount} of your {plan} plan" if full else f"the credits of your {plan} plan"
+            return f"You've used {used} for this period. Upgrade your plan to continue, or wait until {until}."
         case Refusal.HARD_LIMIT:
-            return f"You've hit your limit of {amount} credits. Raise it in settings to continue, or wait until {until}."
+            limit_text = f"your limit of {amount}" if full else "your spending limit"
+            return f"You've hit {limit_text}. Raise it in settings to continue, or wait until {until}."
         case Refusal.OVERAGE_BLOCKED:
-            return (f"You've used the {amount} credits your plan includes and overage is blocked. Allow overage in "
-                    f"settings to continue, or wait until {until}.")
+            included = f"the {amount} your plan includes" if full else "the credits your plan includes"
+            return (f"You've used {included} and overage is blocked. Allow overage in settings to continue, "
+                    f"or wait until {until}.")
     return f"This request was refused ({reason})."

@@ -9,7 +9,8 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -18,22 +19,27 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 
 from plugin import metrics
+from plugin.baselines import Baselines
+from plugin.breaker import BreakerConfig
+from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.directory import Directory
-from plugin.ledger.store import make_engine, used_since
+from plugin.ledger.store import billed_between, make_engine
+from plugin.limits import effective_ceiling
+from plugin.notify import Notice, Notifier, SmtpConfig
 from plugin.ledger.writer import LedgerWriter
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.outbox.retry import RetryPolicy
 from plugin.counters.base import CounterStore
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
-from plugin.plans import Period, calendar_month, credits_to_ucr
-from plugin.policy import Ceiling, ceiling
+from plugin.plans import Period, anchored_month, calendar_month, credits_to_ucr
+from plugin.policy import Ceiling
 from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
 from plugin.sinks.base import Sink
 from plugin.sinks.stripe import StripeConfig, StripeSink
 from plugin.settings import (
-    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PriceConfig, PricingConfig, Settings,
-    WeightsConfig, config_path, load_config, load_settings,
+    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PlanConfig, PriceConfig, PricingConfig,
+    Settings, WeightsConfig, config_path, load_config, load_settings,
 )
 
 
@@ -113,6 +119,8 @@ class Meterline:
     settings: Settings
     config: MeterlineConfig
     model_cost: Mapping[str, Mapping[str, object]] | None = None
+    prompt_token_counter: Callable[[str, list], int] | None = field(default=None, repr=False)
+    """The gateway's tokenizer (set by plugin.litellm_hooks); previews fall back to ~4 characters a token."""
     _relay_thread: RelayThread | None = field(default=None, repr=False)
     _last_alerts: dict[str, float] = field(default_factory=dict, repr=False)
 
@@ -138,8 +146,43 @@ class Meterline:
         if self.settings.redis_url:
             engine = self.engine
             return RedisCounterStore.from_url(
-                self.settings.redis_url, lambda account: used_since(engine, account.customer_id, account.period))
+                self.settings.redis_url, lambda customer, start, end: billed_between(engine, customer, start, end))
         return SqlCounterStore(self.engine)
+
+    @cached_property
+    def breaker_config(self) -> BreakerConfig:
+        config = self.config.policies.breaker
+        return BreakerConfig(
+            multiplier=config.multiplier, floor_ucr_per_hour=credits_to_ucr(config.floor_credits_per_hour),
+            baseline_days=config.baseline_days, trickle_requests=config.trickle_requests,
+            cool_down=None if config.cool_down_minutes is None else timedelta(minutes=config.cool_down_minutes),
+        )
+
+    @cached_property
+    def baselines(self) -> Baselines:
+        return Baselines(self.engine, self.breaker_config)
+
+    @cached_property
+    def notifier(self) -> Notifier:
+        settings = self.settings
+        smtp = None
+        if settings.smtp_host:
+            smtp = SmtpConfig(host=settings.smtp_host, port=settings.smtp_port, sender=settings.smtp_from,
+                              username=settings.smtp_username, password=settings.smtp_password,
+                              starttls=settings.smtp_starttls)
+        return Notifier(smtp=smtp)
+
+    def tell_operator(self, notice: Notice) -> list[str]:
+        """Email and webhook the operator (METERLINE_ALERT_EMAIL, METERLINE_ALERT_WEBHOOK_URL); returns failures."""
+        emails = [address.strip() for address in (self.settings.alert_email or "").split(",") if address.strip()]
+        webhooks = [self.settings.alert_webhook_url] if self.settings.alert_webhook_url else []
+        return self.notifier.deliver(notice, emails=emails, webhooks=webhooks)
+
+    def tell_customer(self, customer: Profile, notice: Notice) -> list[str]:
+        """Email and webhook the customer where its limits say (notify_email, notify_webhook_url)."""
+        limits = customer.limits
+        return self.notifier.deliver(notice, emails=[limits.notify_email] if limits.notify_email else [],
+                                     webhooks=[limits.notify_webhook_url] if limits.notify_webhook_url else [])
 
     def first_in_a_while(self, kind: str, every_seconds: float = 60.0) -> bool:
         """True at most once per `every_seconds` per kind: alerts about an outage are raised once a
@@ -152,13 +195,22 @@ class Meterline:
             self._last_alerts[kind] = now
             return True
 
-    def ceiling(self, plan_name: str) -> Ceiling | None:
-        """The customer's ceiling from its plan (hard limits and overage blocks join it with the limits API)."""
-        plan = self.config.plans.get(plan_name)
-        if plan is None:
-            return None
-        return ceiling(plan_cap_ucr=None if plan.cap_credits is None else credits_to_ucr(plan.cap_credits),
-                       hard_limit_ucr=None, included_ucr=credits_to_ucr(plan.included_credits), block_overage=False)
+    def plan_of(self, customer: Profile) -> PlanConfig:
+        """The customer's plan with its own terms over it. An unknown plan name (removed from
+        meterline.yaml) is treated as a plan with nothing included and no limit, never as free."""
+        plan = self.config.plans.get(customer.plan, PlanConfig())
+        return plan if customer.terms is None else customer.terms.apply(plan)
+
+    def ceiling_of(self, customer: Profile) -> Ceiling | None:
+        """The most the customer may be billed this period (plan cap, hard limit, overage blocks)."""
+        return effective_ceiling(self.plan_of(customer), customer.limits,
+                                 global_overage_block=self.directory.switch(GLOBAL_OVERAGE_BLOCK))
+
+    def count_prompt_tokens(self, model: str, messages: list) -> int:
+        """Prompt tokens of a chat request, for previews."""
+        if self.prompt_token_counter is not None:
+            return int(self.prompt_token_counter(model, messages))
+        return -(-len(json.dumps(messages)) // 4)
 
     def sink(self) -> Sink | None:
         """A new connection to the configured sink (METERLINE_SINK), or None for `none`."""
@@ -193,9 +245,12 @@ class Meterline:
         if "engine" in self.__dict__:
             self.engine.dispose()
 
-    def period(self, customer_id: str, now: datetime | None = None) -> Period:
-        """The customer's current billing period (calendar month until plans add anchors)."""
-        return calendar_month(now or datetime.now(UTC))
+    def period(self, customer: Profile | None, now: datetime | None = None) -> Period:
+        """The customer's current billing period: monthly from its anchor, else the calendar month."""
+        now = now or datetime.now(UTC)
+        if customer is not None and customer.period_anchor is not None:
+            return anchored_month(customer.period_anchor, now)
+        return calendar_month(now)
 
 
 PROCESS_SEAL = secrets.token_hex(16)

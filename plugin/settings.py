@@ -8,6 +8,7 @@ never enters the money path.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from decimal import Decimal, InvalidOperation
@@ -59,6 +60,10 @@ def _positive(value: Fraction) -> Fraction:
 
 NonNegative = Annotated[Fraction, BeforeValidator(lambda v: _non_negative(_exact(v)))]
 Positive = Annotated[Fraction, BeforeValidator(lambda v: _positive(_exact(v)))]
+
+
+ThresholdPct = Annotated[int, Field(ge=1, le=1000, strict=True)]
+"""A soft-limit threshold in percent: 1 to 1000 (ten times the base is as far as a warning makes sense)."""
 
 
 class _Strict(BaseModel):
@@ -125,12 +130,68 @@ class PlanConfig(_Strict):
     """Flat monthly fee; None = no base price at Stripe."""
     overage_usd_per_credit: NonNegative | None = None
     """Price of each credit past `included_credits`; None = no metered price at Stripe."""
+    metered: bool = True
+    """False for legacy flat-rate plans: calls are still in the ledger (margin review) but never
+    reported to the sink, so they are never billed for overage."""
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Sliding-window rate limit per customer; None = none."""
+
+    @property
+    def has_overage(self) -> bool:
+        """Whether credits past the included quota are charged (what an overage block can stop)."""
+        return self.metered and self.overage_usd_per_credit is not None
+
+
+class TermsOverride(_Strict):
+    """A customer's own terms over its plan's (enterprise deals): each field set here wins."""
+
+    included_credits: NonNegative | None = None
+    cap_credits: NonNegative | None = None
+    base_fee_usd: NonNegative | None = None
+    overage_usd_per_credit: NonNegative | None = None
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
+
+    def given(self) -> dict[str, object]:
+        """The fields set, as values (model_dump would turn the Fractions into strings)."""
+        return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
+
+    def apply(self, plan: PlanConfig) -> PlanConfig:
+        return plan.model_copy(update=self.given())
+
+    def merged(self, newer: TermsOverride) -> TermsOverride:
+        """These terms with the fields `newer` sets replaced."""
+        return self.model_copy(update=newer.given())
+
+    def to_json(self) -> str:
+        """Exact decimals as strings (what `model_validate_json` reads back), unset fields left out."""
+        values = {name: decimal_text(value) if isinstance(value, Fraction) else value
+                  for name, value in self.given().items()}
+        return json.dumps(values, sort_keys=True)
+
+
+def decimal_text(value: Fraction) -> str:
+    """An exact decimal as text ("0.0015"); config values are decimals, so this never rounds."""
+    return format(Decimal(value.numerator) / Decimal(value.denominator), "f")
 
 
 class CacheHitFee(_Strict):
     """A flat fee per cache hit, in credits (e.g. "0.01"), instead of free cache hits."""
 
     flat_fee_credits: NonNegative
+
+
+class BreakerConfigModel(_Strict):
+    """The spend-velocity circuit breaker (plugin/breaker.py)."""
+
+    enabled: bool = True
+    multiplier: Positive = Fraction(10)
+    """Trip when the last hour's spend exceeds this many times the typical hourly spend."""
+    floor_credits_per_hour: NonNegative = Fraction(10)
+    """The typical hourly spend is never taken as less than this (new customers)."""
+    baseline_days: int = Field(default=7, ge=1, le=90)
+    cool_down_minutes: int | None = Field(default=None, ge=1, le=10_080)
+    """None: an open breaker waits for an operator. Else a trickle is let through after this long."""
+    trickle_requests: int = Field(default=3, ge=1, le=1000)
 
 
 class PoliciesConfig(_Strict):
@@ -143,6 +204,12 @@ class PoliciesConfig(_Strict):
     """Below this many affordable output tokens a capped request is refused rather than clamped."""
     reservation_seconds: int = Field(default=900, ge=10, le=86_400)
     """How long a reservation holds if its request never settles (a crashed proxy)."""
+    refusal_detail: Literal["full", "minimal"] = "full"
+    """Whether a 402 message may show amounts (`minimal` for apps that pass it to end users)."""
+    soft_thresholds_pct: tuple[ThresholdPct, ...] = Field(default=(80,), max_length=10)
+    """Soft-limit thresholds (percent of the included quota, else of the hard limit, else of the
+    typical period spend) for customers who set none."""
+    breaker: BreakerConfigModel = BreakerConfigModel()
 
 
 class StripeBillingConfig(_Strict):
@@ -212,6 +279,19 @@ class Settings(BaseSettings):
     relay_retry_cap_seconds: float = Field(default=300.0, gt=0, le=86_400)
     outbox_alert_age_seconds: float = Field(default=900.0, gt=0)
     """Alert when the oldest undelivered meter event is older than this."""
+
+    # --- telling people (plugin/notify.py)
+    smtp_host: str | None = None
+    """Email is sent only when this is set."""
+    smtp_port: int = Field(default=25, ge=1, le=65_535)
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_from: str = "meterline@localhost"
+    smtp_starttls: bool = False
+    alert_email: str | None = None
+    """The operator's address for breaker trips and other alerts (comma-separated for several)."""
+    alert_webhook_url: str | None = None
+    """A Slack-compatible incoming webhook for operator alerts."""
 
     @property
     def sink_name(self) -> str:

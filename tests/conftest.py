@@ -8,17 +8,18 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before anything
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
-from sqlalchemy import text
 
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
-from tests.support.postgres import postgres_available, running_postgres
+from tests.support.postgres import empty_all_tables, postgres_available, running_postgres
 from tests.support.proxy import MASTER_KEY, Proxy, run_proxy
 from tests.support.redis_server import running_redis
 from tests.support.upstream import Upstream, run_upstream
@@ -45,8 +46,7 @@ def database_url(request, tmp_path) -> str:
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
-    with engine.begin() as connection:
-        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers, counters, reservations CASCADE"))
+    empty_all_tables(engine)
     engine.dispose()
     return url
 
@@ -69,8 +69,13 @@ class MeteredProxy:
         """The counter store this proxy uses, for looking at it from the test."""
         if self.redis_url:
             return RedisCounterStore.from_url(
-                self.redis_url, lambda account: store.used_since(self.engine, account.customer_id, account.period))
+                self.redis_url, partial(store.billed_between, self.engine))
         return SqlCounterStore(self.engine)
+
+    def api(self, key: str = MASTER_KEY, **headers: str) -> httpx.Client:
+        """An HTTP client for meterline's own API, as the holder of `key`."""
+        return httpx.Client(base_url=self.proxy.base_url + "/meterline/v1", timeout=30,
+                            headers={"Authorization": f"Bearer {key}", **headers})
 
     def tenant(self, customer_id: str, plan: str = "pro") -> Tenant:
         if store.get_customer(self.engine, customer_id) is None:
@@ -92,9 +97,9 @@ class MeteredProxy:
 
 
 def _metered_proxy(workdir: Path, upstream: Upstream, database_url: str,
-                   env: dict[str, str] | None = None) -> Iterator[MeteredProxy]:
+                   env: dict[str, str] | None = None, meterline_yaml: dict | None = None) -> Iterator[MeteredProxy]:
     engine = make_engine(database_url)
-    with run_proxy(workdir, upstream.base_url, database_url, env=env) as proxy:
+    with run_proxy(workdir, upstream.base_url, database_url, env=env, meterline_yaml=meterline_yaml) as proxy:
         yield MeteredProxy(proxy=proxy, engine=engine, redis_url=(env or {}).get("METERLINE_REDIS_URL"))
     engine.dispose()
 

@@ -402,3 +402,65 @@ def test_set_stripe_links_the_customer(cli, ledger):
     code, out = cli("customers", "set-stripe", "acme", "cus_acme1")
     assert code == 0 and "acme is cus_acme1 at Stripe; 0 held meter event(s) queued" in out
     assert store.get_customer(cli.engine, "acme").stripe_customer_id == "cus_acme1"
+
+
+# ------------------------------------------------------------------ limits, terms, breaker, kill switch
+
+
+def test_limits_set_and_show_feed_the_usage_report(cli, ledger):
+    code, out = cli("limits", "set", "beta", "--hard-credits", "50", "--soft", "50,80,100",
+                    "--notify-email", "ops@beta.example")
+    assert code == 0
+    stored = json.loads(out)
+    assert (stored["hard_limit_ucr"], stored["soft_thresholds_pct"], stored["cap_ucr"]) == (50 * M, [50, 80, 100], 50 * M)
+    assert json.loads(cli("limits", "show", "beta")[1]) == stored
+    report = json.loads(cli("usage", "beta", "--json")[1])
+    assert (report["hard_limit_ucr"], report["cap_ucr"], report["remaining_ucr"]) == (50 * M, 50 * M, 43 * M)
+    cleared = json.loads(cli("limits", "set", "beta", "--hard-credits", "none", "--soft", "default")[1])
+    assert (cleared["hard_limit_ucr"], cleared["soft_thresholds_pct"], cleared["effective_soft_thresholds_pct"]) == (
+        None, None, [80])
+
+
+def test_limits_set_refuses_bad_input_in_one_line(cli, ledger):
+    assert cli.fails("limits", "set", "beta") == ("nothing to change: give --soft, --hard-credits, --hard-usd, "
+                                                  "--block-overage, --notify-email or --notify-webhook-url")
+    assert cli.fails("limits", "set", "beta", "--soft", "80,lots") == (
+        "soft_thresholds_pct.1: Input should be a valid integer")
+    assert cli.fails("limits", "set", "beta", "--hard-credits", "-3") == (
+        "expected credits as a decimal number, e.g. 500 or 2.5, got '-3'")
+    assert cli.fails("limits", "set", "ghost", "--block-overage", "on") == "No customer 'ghost'."
+    assert cli.fails("limits", "set", "beta", "--hard-usd", "10") == (
+        "The pro plan charges nothing for usage, so a limit in dollars cannot be reached; set hard_limit_ucr instead.")
+
+
+def test_customers_set_gives_own_terms_and_a_period_anchor(cli, ledger):
+    code, out = cli("customers", "set", "beta", "--included-credits", "5", "--cap-credits", "8",
+                    "--anchor", "2026-01-15T09:30:00Z")
+    assert code == 0 and "monthly from 2026-01-15T09:30:00+00:00" in out
+    report = json.loads(cli("usage", "beta", "--json")[1])
+    assert (report["included_ucr"], report["cap_ucr"]) == (5 * M, 8 * M)
+    start = datetime.fromisoformat(report["period_start"])
+    assert (start.day, start.hour, start.minute) == (15, 9, 30)
+    assert cli("customers", "set", "beta", "--clear-terms")[0] == 0
+    assert json.loads(cli("usage", "beta", "--json")[1])["cap_ucr"] is None
+    assert cli.fails("customers", "set", "beta", "--plan", "gold").startswith("unknown plan 'gold'")
+    assert "expected an ISO date and time" in cli.fails("customers", "set", "beta", "--anchor", "next tuesday")
+
+
+def test_breaker_trip_reset_and_status_are_audited(cli, ledger):
+    tripped = json.loads(cli("breaker", "trip", "acme", "--why", "leaked key", "--by", "alice")[1])
+    assert (tripped["status"], tripped["by"], tripped["reason"]) == ("open", "cli:alice", "leaked key")
+    assert json.loads(cli("usage", "acme", "--json")[1])["breaker"] == "open"
+    cli("breaker", "reset", "acme", "--why", "rotated", "--by", "bob")
+    status = json.loads(cli("breaker", "status", "acme")[1])
+    assert status["status"] == "closed"
+    assert [(event["after"], event["by"], event["why"]) for event in status["events"]] == [
+        ("closed", "cli:bob", "rotated"), ("open", "cli:alice", "leaked key")]
+    assert cli.fails("breaker", "trip", "ghost") == "unknown customer 'ghost'"
+
+
+def test_the_global_overage_block(cli):
+    assert cli("overage-block", "status")[1] == "global overage block is off\n"
+    assert cli("overage-block", "on")[1] == "global overage block is on: no customer is billed past its included quota\n"
+    assert cli("overage-block", "status")[1].startswith("global overage block is on")
+    assert cli("overage-block", "off")[0] == 0

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+from functools import partial
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
 from sqlalchemy import text
 
-from plugin.counters.base import Account, CounterError, Snapshot
+from plugin.counters.base import Account, CounterError, Settled, Snapshot
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine, used_since, write_records
+from plugin.ledger.store import BillingRecord, LedgerRow, billed_between, make_engine, write_records
 from plugin.policy import Ask, Ceiling, Refusal, grant, settle
+from plugin.ratelimit import RateLimit
+from tests.support.postgres import empty_all_tables
 from tests.support.processes import free_port
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -31,8 +33,7 @@ def ledger_engine(request, tmp_path):
     """The ledger the counters start from: the same database for the embedded store, SQLite beside Redis."""
     if "postgres" in request.node.name:
         engine = make_engine(request.getfixturevalue("postgres_url"))
-        with engine.begin() as connection:
-            connection.execute(text("TRUNCATE counters, reservations, ledger, outbox, alerts CASCADE"))
+        empty_all_tables(engine)
     else:
         engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     yield engine
@@ -44,7 +45,7 @@ def counters(request, ledger_engine):
     if request.param == "redis":
         client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
         client.flushdb()
-        return RedisCounterStore(client, lambda account: used_since(ledger_engine, account.customer_id, account.period))
+        return RedisCounterStore(client, partial(billed_between, ledger_engine))
     return SqlCounterStore(ledger_engine)
 
 
@@ -64,17 +65,17 @@ def test_without_a_ceiling_everything_is_granted(counters):
 
 def test_settle_bills_real_usage_and_frees_the_reservation(counters):
     counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
-    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000) == 2500
+    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000, now=NOW).billed_ucr == 2500
     assert counters.snapshot(ACME, NOW) == Snapshot(2500, 0)
-    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000) == 2500  # settled twice: the reservation is gone
+    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000, now=NOW).billed_ucr == 2500  # settled twice: the reservation is gone
     assert counters.snapshot(ACME, NOW) == Snapshot(5000, 0)
 
 
 def test_settle_never_bills_past_the_ceiling(counters):
     counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
     counters.reserve(ACME, "r2", Ask(4000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
-    assert counters.settle(ACME, "r1", 7000, cap_ucr=10_000) == 6000  # 4,000 are r2's
-    assert counters.settle(ACME, "r2", 9000, cap_ucr=10_000) == 4000
+    assert counters.settle(ACME, "r1", 7000, cap_ucr=10_000, now=NOW).billed_ucr == 6000  # 4,000 are r2's
+    assert counters.settle(ACME, "r2", 9000, cap_ucr=10_000, now=NOW).billed_ucr == 4000
     assert counters.snapshot(ACME, NOW) == Snapshot(10_000, 0)
 
 
@@ -91,7 +92,7 @@ def test_expired_reservations_stop_counting_and_are_dropped(counters):
     fresh = counters.reserve(ACME, "fresh", Ask(9000, 1000), cap_ucr=10_000, expires_at=LATER,
                              now=NOW + timedelta(seconds=31))
     assert fresh.granted_ucr == 9000
-    assert counters.settle(ACME, "stale", 500, cap_ucr=10_000) == 500  # a late answer still bills what fits
+    assert counters.settle(ACME, "stale", 500, cap_ucr=10_000, now=NOW).billed_ucr == 500  # a late answer still bills what fits
     assert counters.snapshot(ACME, NOW + timedelta(seconds=31)) == Snapshot(500, 9000)
 
 
@@ -129,15 +130,16 @@ def test_a_flushed_redis_starts_again_from_the_ledger(redis_url, tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    counters = RedisCounterStore(client, lambda account: used_since(engine, account.customer_id, account.period))
+    counters = RedisCounterStore(client, partial(billed_between, engine))
     counters.reserve(ACME, "r1", Ask(4000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
-    bill_in_ledger(engine, counters.settle(ACME, "r1", 4000, cap_ucr=10_000), NOW, "r1")
+    bill_in_ledger(engine, counters.settle(ACME, "r1", 4000, cap_ucr=10_000, now=NOW).billed_ucr, NOW, "r1")
     client.flushdb()
     assert counters.reserve(ACME, "r2", Ask(9000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW).granted_ucr == 6000
-    bill_in_ledger(engine, counters.settle(ACME, "r2", 6000, cap_ucr=10_000), NOW, "r2")
+    bill_in_ledger(engine, counters.settle(ACME, "r2", 6000, cap_ucr=10_000, now=NOW).billed_ucr, NOW, "r2")
     client.flushdb()  # a settlement after a flush starts from the ledger too: the cap is already used up
-    assert counters.settle(ACME, "late", 500, cap_ucr=10_000) == 0
+    assert counters.settle(ACME, "late", 500, cap_ucr=10_000, now=NOW).billed_ucr == 0
     assert counters.snapshot(ACME, NOW) == Snapshot(10_000, 0)
+    assert counters.hour_spend("acme", NOW) == (10_000, 0)  # the breaker's hour buckets come back too
     engine.dispose()
 
 
@@ -155,7 +157,7 @@ def test_every_backend_computes_what_the_policy_says(counters):
                 actual = max(0, amount + rng.randint(-5000, 3000))
                 expected = settle(actual, reserved_for_this_ucr=amount, used_ucr=used, reserved_ucr=reserved,
                                   limit=limit).bill_ucr
-                assert counters.settle(ACME, reservation, actual, cap_ucr=limit.ucr) == expected
+                assert counters.settle(ACME, reservation, actual, cap_ucr=limit.ucr, now=NOW).billed_ucr == expected
                 used += expected
             else:
                 counters.release(ACME, reservation)
@@ -192,7 +194,7 @@ def test_concurrent_reservations_never_overspend(counters):
 
 
 def test_an_unreachable_redis_is_a_counter_error():
-    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0", lambda account: 0)
+    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0", lambda *_: 0)
     with pytest.raises(CounterError, match="redis counters: ConnectionError"):
         store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
 
@@ -205,3 +207,60 @@ def test_a_failing_database_is_a_counter_error(tmp_path):
     with pytest.raises(CounterError, match="embedded counters"):
         store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
     engine.dispose()
+
+
+def test_settle_reports_usage_and_the_hour_buckets(counters):
+    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    counters.reserve(ACME, "r2", Ask(1000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    earlier = NOW - timedelta(minutes=30)  # the previous clock hour
+    assert counters.settle(ACME, "old", 700, cap_ucr=None, now=earlier) == Settled(700, 700, 7000, 700, 0)
+    assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000, now=NOW) == Settled(2500, 3200, 1000, 2500, 700)
+    assert counters.hour_spend("acme", NOW) == (2500, 700)
+    assert counters.hour_spend("acme", NOW + timedelta(hours=1)) == (0, 2500)
+    counters.release(ACME, "r2")
+    assert counters.hour_spend("acme", NOW) == (2500, 700)  # a release bills nothing
+
+
+def test_a_customer_without_a_ceiling_is_counted_without_reserving(counters):
+    """Customers with no ceiling never reserve, but their usage still counts (soft limits, breaker)."""
+    assert counters.settle(ACME, "never-reserved", 4000, cap_ucr=None, now=NOW) == Settled(4000, 4000, 0, 4000, 0)
+    nothing = counters.reserve(ACME, "r1", None, cap_ucr=None, expires_at=LATER, now=NOW)
+    assert (nothing.granted_ucr, nothing.rate_limited) == (None, False)
+    assert counters.snapshot(ACME, NOW) == Snapshot(4000, 0)
+
+
+def test_the_rate_limit_counts_only_what_it_admits(counters):
+    rate = RateLimit(requests=3, window_ms=60_000)
+    answers = [counters.reserve(ACME, f"r{n}", None, cap_ucr=None, expires_at=LATER, now=NOW, rate=rate)
+               for n in range(5)]
+    assert [answer.rate_limited for answer in answers] == [False, False, False, True, True]
+    assert [(answer.rate_current, answer.rate_previous) for answer in answers] == [(0, 0), (1, 0), (2, 0), (3, 0),
+                                                                                (3, 0)]
+    # a refused request reserves nothing even when it asked
+    refused = counters.reserve(ACME, "big", Ask(5000, 5000), cap_ucr=10_000, expires_at=LATER, now=NOW, rate=rate)
+    assert refused.rate_limited and refused.granted_ucr is None
+    assert counters.snapshot(ACME, NOW) == Snapshot(0, 0)
+    # 45 s into the next window the 3 requests weigh 0.75 (3 * 15 / 60): two more fit
+    later = datetime.fromtimestamp((int(NOW.timestamp()) // 60 + 1) * 60 + 45, UTC)
+    again = [counters.reserve(ACME, f"n{n}", Ask(100, 100), cap_ucr=10_000, expires_at=later + timedelta(minutes=5),
+                              now=later, rate=rate) for n in range(3)]
+    assert [(answer.rate_limited, answer.granted_ucr) for answer in again] == [(False, 100), (False, 100), (True, None)]
+    assert [(answer.rate_current, answer.rate_previous) for answer in again] == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_the_rate_limit_holds_under_concurrency(counters):
+    rate = RateLimit(requests=7, window_ms=60_000)
+    admitted: list[bool] = []
+    lock = threading.Lock()
+
+    def one(n: int) -> None:
+        result = counters.reserve(ACME, f"c{n}", None, cap_ucr=None, expires_at=LATER, now=NOW, rate=rate)
+        with lock:
+            admitted.append(not result.rate_limited)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(admitted) == [False] * 23 + [True] * 7

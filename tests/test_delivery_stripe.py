@@ -22,7 +22,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from sqlalchemy import text
 
 from plugin import runtime
 from plugin.cli import main as cli_main
@@ -32,6 +31,7 @@ from plugin.outbox import store as outbox
 from plugin.settings import MeterlineConfig
 from plugin.stripe_setup import StripeSetup
 from tests.support.delivery import PRICED_YAML, ask, stripe_env, wait_for
+from tests.support.postgres import empty_all_tables
 from tests.support.proxy import MASTER_KEY, run_proxy
 from tests.support.stripe_emulator import StripeEmulator, run_stripe_emulator
 from tests.support.processes import stop_process
@@ -251,8 +251,7 @@ def test_two_workers_on_postgres_never_send_the_same_event(postgres_url, emulato
     """Two `meterline relay` processes share one Postgres outbox. Each event is sent once: no resend,
     no duplicate at Stripe, and no 429 from Stripe's one-call-per-customer rule."""
     engine = make_engine(postgres_url)
-    with engine.begin() as connection:
-        connection.execute(text("TRUNCATE ledger, outbox, alerts, api_keys, customers, counters, reservations CASCADE"))
+    empty_all_tables(engine)
     ids = fill(engine, emulator, customers=6, events=300, prefix="pg2")
     calls_before = emulator.calls().get("POST /v1/billing/meter_events", 0)
     log_before = emulator.meter_event_log()

@@ -61,12 +61,17 @@ async def test_500_concurrent_requests_never_bill_past_a_free_cap(capped_proxy):
     assert counters.snapshot(account, datetime.now(UTC)) == Snapshot(billed, 0)
 
 
-def test_customers_without_a_ceiling_reserve_nothing(metered):
+def test_customers_without_a_ceiling_reserve_nothing_but_are_counted(metered):
+    """No reservation for an unlimited customer; its usage still counts (soft limits, the breaker)."""
     tenant = metered.tenant("uncapped-pro", plan="pro")
-    tenant.client.chat.completions.create(model="test-model", messages=[{"role": "user", "content": "[[c=5]] hi"}])
+    answer = tenant.client.chat.completions.with_raw_response.create(
+        model="test-model", messages=[{"role": "user", "content": "[[c=5]] hi"}])
     account = Account("uncapped-pro", calendar_month(datetime.now(UTC)).start)
-    assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(0, 0)
-    assert store.ledger_rows(metered.engine, "uncapped-pro")
+    billed = sum(row.credits_ucr for row in metered.ledger("uncapped-pro"))
+    assert billed > 0
+    assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(billed, 0)
+    assert answer.headers["x-meterline-credits"] == str(billed)
+    assert answer.headers["x-meterline-remaining"] == "unlimited"
 
 
 def test_reservations_of_failed_requests_are_released(metered):

@@ -17,7 +17,6 @@ from plugin.ledger import store as ledger
 from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
 from plugin.outbox import store
 from plugin.outbox.relay import Relay, RelayOptions
-from plugin.outbox.retry import Status
 from plugin.sinks.base import DELIVERED, DUPLICATE, MeterEvent, Outcome, OutcomeKind
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

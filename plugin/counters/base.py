@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Protocol
 
 from plugin.policy import Ask
+from plugin.ratelimit import RateLimit
 
 
 class CounterError(Exception):
@@ -23,12 +24,36 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Grant:
-    """What a reservation attempt got."""
+    """What an admission attempt got."""
 
     granted_ucr: int | None
-    """µcr reserved, or None when refused."""
+    """µcr reserved, or None when refused (or when nothing was asked)."""
     available_ucr: int | None
     """µcr that were left under the ceiling before this reservation (None: no ceiling)."""
+    rate_limited: bool = False
+    """Refused by the rate limit: nothing was reserved."""
+    rate_current: int = 0
+    """Requests counted in the current rate window before this one (to explain a refusal)."""
+    rate_previous: int = 0
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a settlement did, and the figures the checks after it need."""
+
+    billed_ucr: int
+    used_ucr: int
+    """The account's used µcr, this bill included."""
+    reserved_ucr: int
+    """µcr other requests still hold."""
+    hour_ucr: int
+    """µcr billed to the customer in the current clock hour, this bill included (the breaker's input)."""
+    previous_hour_ucr: int
+
+
+def hour_index(moment: datetime) -> int:
+    """Hours since the Unix epoch: the breaker's spend buckets."""
+    return int(moment.timestamp()) // 3600
 
 
 @dataclass(frozen=True)
@@ -44,15 +69,18 @@ class Account:
 
 
 class CounterStore(Protocol):
-    def reserve(self, account: Account, reservation_id: str, ask: Ask, *, cap_ucr: int | None,
-                expires_at: datetime, now: datetime) -> Grant:
-        """Atomically: drop the account's expired reservations, then reserve per `policy.grant`."""
+    def reserve(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
+                expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        """ONE atomic admission step: count the request against `rate` (refusing it if it does not
+        fit, per `plugin.ratelimit.admits`), then drop the account's expired reservations and
+        reserve per `policy.grant`. `ask=None` reserves nothing (a customer with no ceiling)."""
         ...
 
-    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None) -> int:
-        """Atomically: end the reservation and add what is billed (per `policy.settle`) to used.
-        Returns the µcr billed. An unknown (expired, already settled) reservation bills as if it
-        had reserved nothing."""
+    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
+               now: datetime) -> Settled:
+        """Atomically: end the reservation, add what is billed (per `policy.settle`) to used and to
+        the customer's spend in the current hour. An unknown reservation (expired, never made)
+        bills as if it had reserved nothing."""
         ...
 
     def release(self, account: Account, reservation_id: str) -> None:
@@ -61,6 +89,10 @@ class CounterStore(Protocol):
 
     def snapshot(self, account: Account, now: datetime) -> Snapshot:
         """Used and reserved µcr, expired reservations not counted."""
+        ...
+
+    def hour_spend(self, customer_id: str, now: datetime) -> tuple[int, int]:
+        """µcr billed in the current and the previous clock hour."""
         ...
 
     def rebuild(self, account: Account, used_ucr: int) -> None:

@@ -2,25 +2,35 @@
 registered with redis-py's `register_script`, so it runs by EVALSHA), on keys from keys.py.
 
 The scripts only add, subtract and compare integers (exact in Lua's doubles below 2^53 µcr, nine
-billion credits), mirroring `plugin.policy.grant` and `settle`; the shared backend test-suite
-checks them against those functions.
+billion credits), mirroring `plugin.policy.grant` / `settle` and `plugin.ratelimit.admits`; the
+shared backend test-suite checks them against those functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 
 import redis
 
-from plugin.counters.base import Account, CounterError, Grant, Snapshot
-from plugin.counters.keys import account_keys
+from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot, hour_index
+from plugin.counters.keys import account_keys, hour_keys, rate_keys
 from plugin.policy import Ask
+from plugin.ratelimit import RateLimit, window_index
 
 KEEP_KEYS = timedelta(days=75)
-"""How long an account's keys live after their last reservation: past any period's end (31 days) with
-room for reporting; the ledger stays the record (`rebuild`)."""
+"""How long an account's keys live after their last use: past any period's end (31 days) with room
+for reporting; the ledger stays the record (`rebuild`)."""
+
+HOUR_KEYS_SECONDS = 3 * 3600
+"""Spend buckets are read for the current and the previous hour only."""
+
+UNSEEDED = -2
+"""What a script answers for an account with no `used` yet (new, or Redis was flushed)."""
+
+Billed = Callable[[str, datetime, datetime | None], int]
+"""µcr the ledger billed a customer in [start, end) (end None: up to now)."""
 
 
 def _script(client: redis.Redis, name: str):
@@ -31,64 +41,93 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _cap(cap_ucr: int | None) -> str:
-    return "" if cap_ucr is None else str(cap_ucr)
+def _optional(value: int | None) -> str:
+    return "" if value is None else str(value)
 
 
-UNSEEDED = -2
-"""What a script answers for an account with no `used` yet (new, or Redis was flushed)."""
+def _hour_start(hour: int) -> datetime:
+    return datetime.fromtimestamp(hour * 3600, UTC)
 
 
 class RedisCounterStore:
-    """`ledger_used(account)` is what the ledger billed the account so far: an account's counters start
+    """`ledger_billed` reads the ledger: an account's counters (and the breaker's hour buckets) start
     from it, so a new period, a flushed Redis or usage from before the counters all start right."""
 
-    def __init__(self, client: redis.Redis, ledger_used: Callable[[Account], int]) -> None:
+    def __init__(self, client: redis.Redis, ledger_billed: Billed) -> None:
         self.client = client
-        self.ledger_used = ledger_used
+        self.ledger_billed = ledger_billed
         self._reserve = _script(client, "reserve")
         self._settle = _script(client, "settle")
         self._snapshot = _script(client, "snapshot")
 
     @classmethod
-    def from_url(cls, url: str, ledger_used: Callable[[Account], int]) -> RedisCounterStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), ledger_used)
+    def from_url(cls, url: str, ledger_billed: Billed) -> RedisCounterStore:
+        return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), ledger_billed)
 
-    def _call(self, script, account: Account, *args) -> list | int:
-        """Run a script; if the account is unseeded, seed `used` from the ledger (HSETNX: a concurrent
+    def _call(self, script, account: Account, keys: list[str], args: list, hour: int) -> list:
+        """Run a script; if the account is unseeded, seed it from the ledger (NX writes: a concurrent
         seeder wins harmlessly, both read the same ledger) and run it once more."""
-        keys = account_keys(account)
         try:
-            answer = script(keys=keys.all(), args=list(args))
-            if answer == UNSEEDED or (isinstance(answer, list) and answer[0] == UNSEEDED):
-                self.client.hsetnx(keys.counters, "used", self._seed(account))
-                answer = script(keys=keys.all(), args=list(args))
+            answer = script(keys=keys, args=args)
+            if answer[0] == UNSEEDED:
+                self._seed(account, hour)
+                answer = script(keys=keys, args=args)
             return answer
         except redis.RedisError as error:
             raise CounterError(f"redis counters: {error.__class__.__name__}") from error
 
-    def _seed(self, account: Account) -> int:
+    def _seed(self, account: Account, hour: int) -> None:
+        customer = account.customer_id
         try:
-            return self.ledger_used(account)
+            used = self.ledger_billed(customer, account.period, None)
+            spend = [self.ledger_billed(customer, _hour_start(h), _hour_start(h + 1)) for h in (hour, hour - 1)]
         except Exception as error:  # whatever the ledger raised, callers handle one error type
             raise CounterError(f"redis counters: cannot read the ledger to start from: {error.__class__.__name__}") \
                 from error
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hsetnx(account_keys(account).counters, "used", used)
+        for key, value in zip(hour_keys(customer, hour), spend, strict=True):
+            pipe.set(key, value, nx=True, ex=HOUR_KEYS_SECONDS)
+        pipe.execute()
 
-    def reserve(self, account: Account, reservation_id: str, ask: Ask, *, cap_ucr: int | None,
-                expires_at: datetime, now: datetime) -> Grant:
-        granted, available = self._call(self._reserve, account, reservation_id, ask.full_ucr, ask.minimum_ucr,
-                                        _cap(cap_ucr), _ms(expires_at), _ms(now), int(KEEP_KEYS.total_seconds()))
-        return Grant(None if granted < 0 else int(granted), None if cap_ucr is None else int(available))
+    def reserve(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
+                expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        now_ms = _ms(now)
+        window = window_index(now_ms, rate) if rate else 0
+        keys = account_keys(account).all() + rate_keys(account.customer_id, window)
+        args = [reservation_id, "" if ask is None else ask.full_ucr, 0 if ask is None else ask.minimum_ucr,
+                _optional(cap_ucr), _ms(expires_at), now_ms, int(KEEP_KEYS.total_seconds()),
+                "" if rate is None else rate.requests, 0 if rate is None else rate.window_ms]
+        granted, available, verdict, current, previous = self._call(self._reserve, account, keys, args,
+                                                                    hour_index(now))
+        return Grant(None if granted < 0 else int(granted), None if cap_ucr is None else int(available),
+                     rate_limited=verdict == 0, rate_current=int(current), rate_previous=int(previous))
 
-    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None) -> int:
-        return int(self._call(self._settle, account, reservation_id, actual_ucr, _cap(cap_ucr)))
+    def _end(self, account: Account, reservation_id: str, actual_ucr: int, cap_ucr: int | None,
+             now: datetime) -> Settled:
+        hour = hour_index(now)
+        keys = account_keys(account).all() + hour_keys(account.customer_id, hour)
+        args = [reservation_id, actual_ucr, _optional(cap_ucr), int(KEEP_KEYS.total_seconds())]
+        return Settled(*(int(value) for value in self._call(self._settle, account, keys, args, hour)))
+
+    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
+               now: datetime) -> Settled:
+        return self._end(account, reservation_id, actual_ucr, cap_ucr, now)
 
     def release(self, account: Account, reservation_id: str) -> None:
-        self._call(self._settle, account, reservation_id, 0, "")
+        self._end(account, reservation_id, 0, None, datetime.now(UTC))
 
     def snapshot(self, account: Account, now: datetime) -> Snapshot:
-        used, reserved = self._call(self._snapshot, account, _ms(now))
+        used, reserved = self._call(self._snapshot, account, account_keys(account).all(), [_ms(now)],
+                                    hour_index(now))
         return Snapshot(int(used), int(reserved))
+
+    def hour_spend(self, customer_id: str, now: datetime) -> tuple[int, int]:
+        try:
+            current, previous = self.client.mget(hour_keys(customer_id, hour_index(now)))
+        except redis.RedisError as error:
+            raise CounterError(f"redis counters: {error.__class__.__name__}") from error
+        return int(current or 0), int(previous or 0)
 
     def rebuild(self, account: Account, used_ucr: int) -> None:
         try:

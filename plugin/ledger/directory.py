@@ -12,10 +12,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from sqlalchemy import Engine
 
-from plugin.ledger import store
+from plugin.breaker import BreakerState
+from plugin.ledger import accounts, store
+from plugin.ledger.accounts import Profile
 
 
 class Directory:
@@ -27,7 +30,8 @@ class Directory:
         self._clock = clock
         self._keys: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._customers: set[str] = set()
-        self._plans: dict[str, tuple[str, float]] = {}
+        self._profiles: dict[str, tuple[Profile, float]] = {}
+        self._switches: dict[str, tuple[bool, float]] = {}
         self._lock = threading.Lock()
 
     def knows_key(self, secret: str | None) -> bool:
@@ -57,24 +61,51 @@ class Directory:
         self._customers.add(customer_id)
         return True
 
-    def cached_plan(self, customer_id: str) -> str | None:
-        """The customer's plan if remembered and fresh, without touching the database."""
+    def cached_profile(self, customer_id: str) -> Profile | None:
+        """The customer's profile if remembered and fresh, without touching the database."""
         with self._lock:
-            entry = self._plans.get(customer_id)
+            entry = self._profiles.get(customer_id)
         return entry[0] if entry is not None and self._clock() < entry[1] else None
 
-    def plan_of(self, customer_id: str) -> str | None:
-        """The customer's plan, remembered for `ttl` seconds like keys (a plan change applies within it)."""
-        with self._lock:
-            entry = self._plans.get(customer_id)
-        if entry is not None and self._clock() < entry[1]:
-            return entry[0]
-        customer = store.get_customer(self._engine, customer_id)
-        if customer is None:
+    def profile_of(self, customer_id: str) -> Profile | None:
+        """Plan, terms, limits and breaker, remembered for `ttl` seconds like keys: a change made in
+        another process applies here within that time (changes made here apply at once: `forget`)."""
+        profile = self.cached_profile(customer_id)
+        if profile is not None:
+            return profile
+        profile = accounts.load_profile(self._engine, customer_id)
+        if profile is None:
             return None
         with self._lock:
-            self._plans[customer_id] = (customer.plan, self._clock() + self._ttl)
-        return customer.plan
+            self._profiles[customer_id] = (profile, self._clock() + self._ttl)
+        return profile
+
+    def forget(self, customer_id: str) -> None:
+        """Drop what is remembered about a customer, after changing it."""
+        with self._lock:
+            self._profiles.pop(customer_id, None)
+
+    def remember_breaker(self, customer_id: str, state: BreakerState) -> None:
+        """A breaker this process just moved: later requests here see it at once."""
+        with self._lock:
+            entry = self._profiles.get(customer_id)
+            if entry is not None:
+                self._profiles[customer_id] = (replace(entry[0], breaker=state), entry[1])
+
+    def switch(self, name: str) -> bool:
+        """An operator switch (see plugin.ledger.accounts), remembered for `ttl` seconds."""
+        with self._lock:
+            entry = self._switches.get(name)
+        if entry is not None and self._clock() < entry[1]:
+            return entry[0]
+        enabled = accounts.get_switch(self._engine, name)
+        with self._lock:
+            self._switches[name] = (enabled, self._clock() + self._ttl)
+        return enabled
+
+    def forget_switch(self, name: str) -> None:
+        with self._lock:
+            self._switches.pop(name, None)
 
     def _cached(self, digest: str) -> str | None:
         with self._lock:

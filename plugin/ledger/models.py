@@ -26,6 +26,10 @@ class Customer(SQLModel, table=True):
     plan: str = Field(max_length=64)
     stripe_customer_id: str | None = Field(default=None, max_length=255)
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    period_anchor: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """Where the customer's monthly billing periods start (its subscription's start); None = calendar months."""
+    terms: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    """Per-customer terms over the plan's (enterprise deals), as JSON: see plugin.plans.TermsOverride."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -131,3 +135,94 @@ class ReservationRow(SQLModel, table=True):
     period: str = Field(max_length=16)
     ucr: int = Field(sa_type=BigInteger)
     expires_at: datetime = Field(sa_column=_ts())
+
+
+class CustomerLimits(SQLModel, table=True):
+    """What a customer (or the operator for it) allowed: soft thresholds, a hard limit, an overage block."""
+
+    __tablename__ = "customer_limits"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    soft_thresholds_pct: str | None = Field(default=None, max_length=200)
+    """JSON list of percentages; None = the configured default."""
+    hard_limit_ucr: int | None = Field(default=None, sa_type=BigInteger)
+    hard_limit_usd: str | None = Field(default=None, max_length=32)
+    """A hard limit in currency (exact decimal string), instead of `hard_limit_ucr`."""
+    block_overage: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    notify_email: str | None = Field(default=None, max_length=254)
+    notify_webhook_url: str | None = Field(default=None, max_length=2000)
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    updated_by: str = Field(default="-", max_length=100)
+
+
+class Switch(SQLModel, table=True):
+    """An operator-wide switch, e.g. `block_overage` for every customer at once."""
+
+    __tablename__ = "switches"
+
+    name: str = Field(primary_key=True, max_length=64)
+    enabled: bool = False
+    updated_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    updated_by: str = Field(default="-", max_length=100)
+
+
+class SoftLimitNotice(SQLModel, table=True):
+    """A soft-limit threshold a customer crossed in a period: the primary key makes it fire once."""
+
+    __tablename__ = "soft_limit_notices"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    period: str = Field(primary_key=True, max_length=16)
+    threshold_pct: int = Field(primary_key=True)
+    fired_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+
+
+class BreakerRow(SQLModel, table=True):
+    """A customer's circuit breaker (plugin.breaker.BreakerState); no row = closed."""
+
+    __tablename__ = "breakers"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    status: str = Field(default="closed", max_length=16)
+    since: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False, server_default=""))
+    by: str = Field(default="meterline", max_length=100)
+    trickle_started: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    trickle_used: int = 0
+
+
+class BreakerEvent(SQLModel, table=True):
+    """The audit log of breaker transitions: who moved which breaker, when, and why."""
+
+    __tablename__ = "breaker_events"
+    __table_args__ = (Index("ix_breaker_events_customer", "customer_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(max_length=64)
+    before: str = Field(max_length=16)
+    after: str = Field(max_length=16)
+    at: datetime = Field(sa_column=_ts())
+    by: str = Field(max_length=100)
+    why: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class SpendHour(SQLModel, table=True):
+    """The embedded counter store: µcr a customer was billed in one clock hour (for the breaker)."""
+
+    __tablename__ = "spend_hours"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    hour: int = Field(primary_key=True, sa_type=BigInteger)
+    """Hours since the Unix epoch."""
+    ucr: int = Field(default=0, sa_type=BigInteger)
+
+
+class RateWindow(SQLModel, table=True):
+    """The embedded counter store: requests a customer made in one fixed rate-limit window."""
+
+    __tablename__ = "rate_windows"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    window: int = Field(primary_key=True, sa_type=BigInteger)
+    """Window index: Unix ms // window length."""
+    requests: int = 0

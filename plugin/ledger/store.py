@@ -187,6 +187,8 @@ class BillingRecord:
 
     entry: LedgerRow
     alert: str | None = None
+    meter: bool = True
+    """False for legacy flat-rate plans: in the ledger, never sent to the sink."""
 
 
 _LEDGER = LedgerEntry.__table__
@@ -222,7 +224,7 @@ def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
             {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
              "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
              "next_attempt_at": record.entry.created_at}
-            for record in new if record.entry.credits_ucr > 0
+            for record in new if record.entry.credits_ucr > 0 and record.meter
         ]
         if events:
             connection.execute(_OUTBOX.insert(), events)
@@ -272,11 +274,16 @@ def has_alert(connection: Connection, kind: str, subject_id: str) -> bool:
     return connection.execute(query).first() is not None
 
 
-def list_alerts(engine: Engine, kind: str | None = None) -> list[Alert]:
+def list_alerts(engine: Engine, kind: str | None = None, *, customer_id: str | None = None,
+                limit: int | None = None, newest_first: bool = False) -> list[Alert]:
     with Session(engine) as session:
-        query = select(Alert).order_by(Alert.id)
+        query = select(Alert).order_by(Alert.id.desc() if newest_first else Alert.id)
         if kind is not None:
             query = query.where(Alert.kind == kind)
+        if customer_id is not None:
+            query = query.where(Alert.customer_id == customer_id)
+        if limit is not None:
+            query = query.limit(limit)
         return list(session.exec(query).scalars())
 
 
@@ -290,15 +297,17 @@ class UsageTotals:
     by_member: dict[str, int]
 
 
-def billed_since(customer_id: str, start: datetime):
-    """SELECT of the µcr billed to a customer from `start` on: what its counters start from."""
-    return select(func.coalesce(func.sum(_LEDGER.c.credits_ucr), 0)).where(
+def billed_since(customer_id: str, start: datetime, end: datetime | None = None):
+    """SELECT of the µcr billed to a customer from `start` on (to `end`): what its counters start from."""
+    query = select(func.coalesce(func.sum(_LEDGER.c.credits_ucr), 0)).where(
         _LEDGER.c.customer_id == customer_id, _LEDGER.c.created_at >= start)
+    return query if end is None else query.where(_LEDGER.c.created_at < end)
 
 
-def used_since(engine: Engine, customer_id: str, start: datetime) -> int:
+def billed_between(engine: Engine, customer_id: str, start: datetime, end: datetime | None = None) -> int:
+    """µcr billed to a customer in [start, end) (end None: up to now)."""
     with engine.connect() as connection:
-        return int(connection.execute(billed_since(customer_id, start)).scalar_one())
+        return int(connection.execute(billed_since(customer_id, start, end)).scalar_one())
 
 
 def usage_totals(engine: Engine, customer_id: str, start: datetime, end: datetime) -> UsageTotals:

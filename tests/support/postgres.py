@@ -138,3 +138,12 @@ def _stop(pg_ctl: str, data: Path, work: Path) -> None:
         if not (data / "postmaster.pid").exists():
             return
     raise RuntimeError(f"could not stop PostgreSQL server in {data}")
+
+
+def empty_all_tables(engine) -> None:
+    """Empty every meterline table of a shared test database (a fresh start per test)."""
+    from sqlalchemy import text
+    from sqlmodel import SQLModel
+
+    with engine.begin() as connection:
+        connection.execute(text(f"TRUNCATE {', '.join(SQLModel.metadata.tables)} CASCADE"))

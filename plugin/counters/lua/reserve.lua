@@ -1,19 +1,47 @@
--- Reserve credits for one request, atomically (plugin.policy.grant, in Lua).
+-- Admit one request, atomically: the rate limit (plugin.ratelimit.admits), then the reservation
+-- (plugin.policy.grant), in Lua.
 -- KEYS[1] counters hash (used, reserved)
 -- KEYS[2] reservations hash (id -> µcr)
 -- KEYS[3] expiries sorted set (id scored by expiry, Unix ms)
+-- KEYS[4] requests in the current rate window (string)
+-- KEYS[5] requests in the previous rate window (string)
 -- ARGV[1] reservation id
--- ARGV[2] full ask, µcr
+-- ARGV[2] full ask, µcr ("" = reserve nothing: the customer has no ceiling)
 -- ARGV[3] minimum ask, µcr
 -- ARGV[4] ceiling, µcr ("" = none)
 -- ARGV[5] expiry of this reservation, Unix ms
 -- ARGV[6] now, Unix ms
--- ARGV[7] seconds to keep the keys (past the period's end)
--- Returns {granted µcr or -1 (refused), µcr left before this reservation or -1 (no ceiling)},
--- or {-2, -1} when the account has no `used` yet: the caller seeds it from the ledger and calls again.
+-- ARGV[7] seconds to keep the account's keys (past the period's end)
+-- ARGV[8] requests allowed per rate window ("" = no rate limit)
+-- ARGV[9] rate window, ms
+-- Returns {granted µcr or -1 (refused or nothing asked), µcr left before this reservation or -1
+-- (no ceiling), rate verdict (1 allowed, 0 refused, -1 no limit), requests in the current window,
+-- requests in the previous window} (the counts are from before this request),
+-- or {-2, ...} when the account has no `used` yet: the caller seeds it from the ledger and calls
+-- again (checked first, so a request is never counted twice against the rate limit).
 
-if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
-  return {-2, -1}
+local reserving = ARGV[2] ~= ''
+if reserving and redis.call('HEXISTS', KEYS[1], 'used') == 0 then
+  return {-2, -1, -1, 0, 0}
+end
+
+local verdict, current, previous = -1, 0, 0
+if ARGV[8] ~= '' then
+  local allowed, window = tonumber(ARGV[8]), tonumber(ARGV[9])
+  current = tonumber(redis.call('GET', KEYS[4]) or '0')
+  previous = tonumber(redis.call('GET', KEYS[5]) or '0')
+  local elapsed = tonumber(ARGV[6]) % window
+  if previous * (window - elapsed) + current * window + window <= allowed * window then
+    verdict = 1
+    redis.call('INCR', KEYS[4])
+    redis.call('PEXPIRE', KEYS[4], 2 * window)
+  else
+    return {-1, -1, 0, current, previous}
+  end
+end
+
+if not reserving then
+  return {-1, -1, verdict, current, previous}
 end
 
 local freed = 0
@@ -50,4 +78,4 @@ redis.call('HSET', KEYS[1], 'reserved', reserved)
 for i = 1, 3 do
   redis.call('EXPIRE', KEYS[i], ARGV[7])
 end
-return {granted, available}
+return {granted, available, verdict, current, previous}

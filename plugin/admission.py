@@ -1,0 +1,261 @@
+"""Admission and settlement of one request, for any gateway: the breaker, the rate limit and the
+ceiling before the call; the bill, soft limits and the breaker's trip after it.
+
+The decisions are the pure policies (plugin.policy, plugin.ratelimit, plugin.breaker,
+plugin.limits); this module fetches their inputs (customer profile, counters), applies their
+answers (refuse, clamp, reserve, trip, notify) and never imports a gateway. plugin.litellm_hooks
+turns a `Refused` into LiteLLM's error and calls `admit` / `settle` / `release` / `after_settle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from plugin import breaker
+from plugin.breaker import BreakerStatus
+from plugin.counters.base import Account, CounterError, Settled
+from plugin.ledger import accounts
+from plugin.ledger import store as ledger_store
+from plugin.ledger.accounts import Profile
+from plugin.limits import crossed_thresholds, soft_limit_base_ucr
+from plugin.notify import Notice
+from plugin.policy import Ceiling, Estimate, Refusal, ask, credits_text, interpret, refusal_message
+from plugin.ratelimit import RateLimit, decide as rate_decide
+from plugin.runtime import Meterline
+
+log = logging.getLogger("meterline")
+
+
+class Refused(Exception):
+    """A request meterline will not let through: the status, the reason (`error.type`) and a message
+    for a person. `retry_after` (seconds) becomes a Retry-After header when known."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What a request may do, and what its settlement needs to know."""
+
+    customer_id: str
+    period_start: datetime
+    cap_ucr: int | None
+    reserved: bool
+    """A reservation was made (release it if the request fails)."""
+    max_tokens: int | None = None
+    """Lowered `max_tokens` (clamped to what the customer can still afford); None = as asked."""
+    metered: bool = True
+    """False on a legacy flat-rate plan: the call is in the ledger but never sent to the sink."""
+
+
+async def profile(meterline: Meterline, customer_id: str) -> Profile | None:
+    """The customer's profile, from memory when fresh (most requests), else off the event loop."""
+    directory = meterline.directory
+    return directory.cached_profile(customer_id) or await asyncio.to_thread(directory.profile_of, customer_id)
+
+
+async def admit(meterline: Meterline, customer_id: str, request_id: str, *, model: str,
+                asked_max_tokens: int | None, prompt_tokens: Callable[[], int]) -> Admitted:
+    """Let a request through, lowered to what the customer can afford, or raise `Refused`.
+
+    In order: an open circuit breaker (402 circuit_open), the rate limit (429 rate_limited) and the
+    ceiling (402 with the ceiling's reason); the last two are ONE atomic counter-store call.
+    `prompt_tokens` is called only when a reservation has to be priced."""
+    now = datetime.now(UTC)
+    known = await profile(meterline, customer_id)
+    if known is None:  # an anonymous (or unknown) customer: no plan, nothing to enforce
+        return Admitted(customer_id, meterline.period(None, now).start, None, False)
+    if known.breaker.status is not BreakerStatus.CLOSED:
+        await _through_breaker(meterline, known, now)
+    plan = meterline.plan_of(known)
+    limit = meterline.ceiling_of(known)
+    period = meterline.period(known, now)
+    rate = None if plan.requests_per_minute is None else RateLimit(plan.requests_per_minute)
+    unreserved = Admitted(customer_id, period.start, None, False, metered=plan.metered)
+    if limit is None and rate is None:
+        return unreserved
+    policies = meterline.config.policies
+    estimate = None
+    if limit is not None:
+        input_rate, output_rate = meterline.price_book.token_rates(model)
+        estimate = Estimate(prompt_tokens() * input_rate, output_rate,
+                            asked_max_tokens or policies.reservation_output_tokens)
+    account = Account(customer_id, period.start)
+    try:
+        granted = await asyncio.to_thread(
+            meterline.counters.reserve, account, request_id,
+            None if estimate is None else ask(estimate, policies.min_output_tokens),
+            cap_ucr=None if limit is None else limit.ucr,
+            expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now, rate=rate,
+        )
+    except CounterError as error:
+        await counters_down(meterline, error)
+        if meterline.settings.fail_mode == "open":
+            return unreserved
+        raise Refused(503, "billing_unavailable", "Spending limits cannot be checked right now, so the request was "
+                      "not sent. Try again shortly.") from None
+    if granted.rate_limited:
+        verdict = rate_decide(rate, int(now.timestamp() * 1000), granted.rate_current, granted.rate_previous)
+        wait = max(1, -(-verdict.retry_after_ms // 1000))
+        raise Refused(429, Refusal.RATE_LIMITED, f"You've sent more than {rate.requests} requests in the last "
+                      f"minute, the limit of your {known.plan} plan. Retry in {wait} s.", retry_after=wait)
+    if estimate is None:
+        return unreserved
+    decision = interpret(estimate, granted.granted_ucr, available_ucr=granted.available_ucr, limit=limit)
+    if not decision.admit:
+        raise Refused(402, decision.reason, refusal_message(decision.reason, limit, known.plan, period.end,
+                                                            detail=policies.refusal_detail))
+    return Admitted(customer_id, period.start, limit.ucr, True, decision.max_tokens, metered=plan.metered)
+
+
+async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
+    """An open (or half-open) breaker: refuse, or let the trickle through; store what changed."""
+    config = meterline.breaker_config
+    this_hour, previous_hour = await asyncio.to_thread(meterline.counters.hour_spend, known.customer_id, now)
+    window = breaker.window_spend_ucr(this_hour, previous_hour, int(now.timestamp()) % 3600)
+    threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
+    decision = breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now,
+                                  config=config)
+    if decision.state != known.breaker:
+        await asyncio.to_thread(accounts.save_breaker, meterline.engine, known.customer_id, decision.state,
+                                decision.transition)
+        meterline.directory.remember_breaker(known.customer_id, decision.state)
+    if not decision.admit:
+        raise Refused(402, Refusal.CIRCUIT_OPEN, breaker_message(known.breaker), retry_after=decision.retry_after)
+
+
+def breaker_message(state: breaker.BreakerState) -> str:
+    if state.by == breaker.SYSTEM:
+        return ("Requests on this account are paused: it spent far more in the last hour than it usually does, "
+                "which looks like a runaway loop. The operator has been alerted and can resume it.")
+    return "Requests on this account are paused by the operator. Contact them to resume it."
+
+
+async def counters_down(meterline: Meterline, error: CounterError) -> None:
+    """Log every time, alert the operator once a minute: caps are not enforced (open) or capped
+    customers are refused (closed) until the counter store answers again."""
+    mode = meterline.settings.fail_mode
+    consequence = ("limits are not enforced and requests are admitted" if mode == "open"
+                   else "limited customers' requests are refused with 503")
+    log.warning("meterline: %s; %s (METERLINE_FAIL_MODE=%s)", error, consequence, mode)
+    if meterline.first_in_a_while("counters_unavailable"):
+        await alert(meterline, "counters_unavailable",
+                    f"spending counters unreachable ({error}): {consequence} (METERLINE_FAIL_MODE={mode})")
+
+
+async def alert(meterline: Meterline, kind: str, message: str, *, customer_id: str | None = None,
+                notify_operator: bool = False) -> None:
+    """An in-app alert (GET /meterline/v1/alerts), and optionally the operator's email and webhook."""
+    try:
+        await asyncio.to_thread(ledger_store.add_alert, meterline.engine, kind, message, customer_id=customer_id)
+    except SQLAlchemyError as failure:  # the log line still says it
+        log.error("meterline: could not record a %s alert: %s", kind, failure.__class__.__name__)
+    if notify_operator:
+        notice = Notice(kind=kind, subject=f"meterline: {kind.replace('_', ' ')}"
+                        + (f" for {customer_id}" if customer_id else ""), text=message, customer_id=customer_id)
+        await asyncio.to_thread(meterline.tell_operator, notice)
+
+
+async def settle(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr: int) -> Settled | None:
+    """Bill real usage through the counters (never past the ceiling). None when the counters cannot
+    answer: the ledger stays the truth (counters are rebuilt from it) and the call is billed in full."""
+    account = Account(admitted.customer_id, admitted.period_start)
+    try:
+        return await asyncio.to_thread(meterline.counters.settle, account, request_id, actual_ucr,
+                                       cap_ucr=admitted.cap_ucr, now=datetime.now(UTC))
+    except CounterError as error:
+        log.warning("meterline: could not settle %s: %s", request_id, error)
+        return None
+
+
+async def release(meterline: Meterline, admitted: Admitted, request_id: str) -> None:
+    try:
+        await asyncio.to_thread(meterline.counters.release, Account(admitted.customer_id, admitted.period_start),
+                                request_id)
+    except CounterError as error:  # it expires by itself after policies.reservation_seconds
+        log.warning("meterline: could not release %s: %s", request_id, error)
+
+
+async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settled) -> None:
+    """What a bill may set off, off the response path: soft-limit notices and a breaker trip."""
+    if settled.billed_ucr <= 0:
+        return
+    known = await profile(meterline, admitted.customer_id)
+    if known is None:
+        return
+    now = datetime.now(UTC)
+    await _maybe_trip(meterline, known, settled, now)
+    await _soft_limits(meterline, known, admitted, settled, now)
+
+
+async def _maybe_trip(meterline: Meterline, known: Profile, settled: Settled, now: datetime) -> None:
+    config = meterline.breaker_config
+    if not meterline.config.policies.breaker.enabled or known.breaker.status is not BreakerStatus.CLOSED:
+        return
+    window = breaker.window_spend_ucr(settled.hour_ucr, settled.previous_hour_ucr, int(now.timestamp()) % 3600)
+    if window <= breaker.threshold_ucr(config.floor_ucr_per_hour, config):
+        return  # under K x the floor: no need to know the customer's baseline
+    threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
+    decision = breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now,
+                                  config=config)
+    if decision.transition is None:
+        return
+    stored = await asyncio.to_thread(accounts.save_breaker, meterline.engine, known.customer_id, decision.state,
+                                     decision.transition, expected=BreakerStatus.CLOSED)
+    meterline.directory.remember_breaker(known.customer_id, decision.state)
+    if stored:  # another proxy may have tripped it a moment earlier: it alerted then
+        await alert(meterline, "circuit_open", f"circuit breaker opened for {known.customer_id}: "
+                    f"{decision.transition.why}", customer_id=known.customer_id, notify_operator=True)
+
+
+async def _soft_limits(meterline: Meterline, known: Profile, admitted: Admitted, settled: Settled,
+                       now: datetime) -> None:
+    plan = meterline.plan_of(known)
+    limit = meterline.ceiling_of(known)
+    thresholds = known.limits.soft_thresholds_pct
+    if thresholds is None:
+        thresholds = meterline.config.policies.soft_thresholds_pct
+    if not thresholds:
+        return
+    typical = 0
+    if not plan.included_credits and limit is None:
+        typical = await meterline.baselines.typical_period(known, meterline.period(known, now), now)
+    base = soft_limit_base_ucr(plan, limit, typical)
+    if base is None:
+        return
+    crossed = crossed_thresholds(tuple(thresholds), base, before_ucr=settled.used_ucr - settled.billed_ucr,
+                                 after_ucr=settled.used_ucr)
+    period = meterline.period(known, now)
+    period_key = str(int(admitted.period_start.timestamp()))
+    for pct in crossed:
+        claimed = await asyncio.to_thread(accounts.claim_notice, meterline.engine, known.customer_id, period_key, pct)
+        if not claimed:
+            continue
+        notice = soft_limit_notice(known, pct, base, settled.used_ucr, limit, period.end)
+        await alert(meterline, "soft_limit", notice.text, customer_id=known.customer_id)
+        await asyncio.to_thread(meterline.tell_customer, known, notice)
+
+
+def soft_limit_notice(known: Profile, pct: int, base_ucr: int, used_ucr: int, limit: Ceiling | None,
+                      period_end: datetime) -> Notice:
+    """What a customer is told when it crosses a soft threshold."""
+    until = period_end.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"{known.customer_id} has used {credits_text(used_ucr)} credits this period, {pct}% of "
+            f"{credits_text(base_ucr)}. The period ends {until}.")
+    if limit is not None:
+        text += f" Requests stop at {credits_text(limit.ucr)} credits ({limit.reason.value})."
+    return Notice(
+        kind="soft_limit", subject=f"meterline: {known.customer_id} reached {pct}% of its usage", text=text,
+        customer_id=known.customer_id,
+        fields={"threshold_pct": str(pct), "base_ucr": str(base_ucr), "used_ucr": str(used_ucr),
+                "period_end": period_end.astimezone(UTC).isoformat()},
+    )
+
