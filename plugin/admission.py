@@ -69,7 +69,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     In order: an open circuit breaker (402 circuit_open), the rate limit (429 rate_limited) and the
     ceiling (402 with the ceiling's reason); the last two are ONE atomic counter-store call.
     `prompt_tokens` is called only when a reservation has to be priced."""
-    now = datetime.now(UTC)
+    now = meterline.clock()
     known = await profile(meterline, customer_id)
     if known is None:  # an anonymous (or unknown) customer: no plan, nothing to enforce
         return Admitted(customer_id, meterline.period(None, now).start, None, False)
@@ -170,7 +170,7 @@ async def settle(meterline: Meterline, admitted: Admitted, request_id: str, actu
     account = Account(admitted.customer_id, admitted.period_start)
     try:
         return await asyncio.to_thread(meterline.counters.settle, account, request_id, actual_ucr,
-                                       cap_ucr=admitted.cap_ucr, now=datetime.now(UTC))
+                                       cap_ucr=admitted.cap_ucr, now=meterline.clock())
     except CounterError as error:
         log.warning("meterline: could not settle %s: %s", request_id, error)
         return None
@@ -191,7 +191,7 @@ async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settle
     known = await profile(meterline, admitted.customer_id)
     if known is None:
         return
-    now = datetime.now(UTC)
+    now = meterline.clock()
     await _maybe_trip(meterline, known, settled, now)
     await _soft_limits(meterline, known, admitted, settled, now)
 

@@ -119,6 +119,8 @@ class Meterline:
     settings: Settings
     config: MeterlineConfig
     model_cost: Mapping[str, Mapping[str, object]] | None = None
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC), repr=False)
+    """Now, for admission and settlement (tests drive a runaway loop through simulated hours)."""
     prompt_token_counter: Callable[[str, list], int] | None = field(default=None, repr=False)
     """The gateway's tokenizer (set by plugin.litellm_hooks); previews fall back to ~4 characters a token."""
     _relay_thread: RelayThread | None = field(default=None, repr=False)
@@ -247,7 +249,7 @@ class Meterline:
 
     def period(self, customer: Profile | None, now: datetime | None = None) -> Period:
         """The customer's current billing period: monthly from its anchor, else the calendar month."""
-        now = now or datetime.now(UTC)
+        now = now or self.clock()
         if customer is not None and customer.period_anchor is not None:
             return anchored_month(customer.period_anchor, now)
         return calendar_month(now)

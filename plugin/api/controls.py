@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
 from typing import Annotated, Any, Literal
@@ -221,7 +220,7 @@ def move_breaker(meterline: runtime.Meterline, customer_id: str, action: str, by
     if ledger_store.get_customer(meterline.engine, customer_id) is None:
         raise StoreError(f"unknown customer {customer_id!r}")
     current = accounts.get_breaker(meterline.engine, customer_id)
-    now = datetime.now(UTC)
+    now = meterline.clock()
     why = why or f"{action} by {by}"
     move = breaker.trip if action == "trip" else breaker.reset
     state, transition = move(current, now=now, by=by, why=why)
@@ -337,7 +336,7 @@ async def preview(body: PreviewBody, authorization: Authorization = None,
 def preview_answer(meterline: runtime.Meterline, profile: Profile, model: str, prompt_tokens: int,
                    max_tokens: int | None) -> dict[str, Any]:
     """The preview, over the customer's current counters (read, not reserved)."""
-    now = datetime.now(UTC)
+    now = meterline.clock()
     policies = meterline.config.policies
     plan = meterline.plan_of(profile)
     period = meterline.period(profile, now)
