@@ -159,11 +159,14 @@ def main() -> None:
         work = Path(tmp)
         url = f"sqlite:///{work / 'ledger.db'}"
         engine = make_engine(url)
-        env, stripe_id, emulator, plan, meterline_yaml = {}, None, None, "pro", None
+        env, stripe_id, emulator, plan = {}, None, None, "pro"
+        # A benchmark is a runaway loop by design: the breaker's floor is set far above what a run spends
+        # (its check still runs on every request).
+        meterline_yaml = METERLINE_YAML | {"policies": {"breaker": {"floor_credits_per_hour": "1000000"}}}
         if args.capped:
             # A cap far above what the run spends: every request reserves and settles, none is refused.
             plan = "capped"
-            meterline_yaml = METERLINE_YAML | {"plans": METERLINE_YAML["plans"] | {"capped": {"cap_credits": 10**9}}}
+            meterline_yaml |= {"plans": METERLINE_YAML["plans"] | {"capped": {"cap_credits": 10**9}}}
             if args.capped == "redis":
                 env["METERLINE_REDIS_URL"] = stack.enter_context(running_redis())
         if args.deliver:

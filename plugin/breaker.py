@@ -36,8 +36,8 @@ class BreakerStatus(StrEnum):
 class BreakerConfig:
     multiplier: Fraction = Fraction(10)
     """K: trip when the last hour's spend exceeds K x the typical hourly spend."""
-    floor_ucr_per_hour: int = 10_000_000
-    """The typical hourly spend is never taken as less than this (10 credits an hour by default)."""
+    floor_ucr_per_hour: int = 100_000_000
+    """The typical hourly spend is never taken as less than this (100 credits an hour by default)."""
     window: timedelta = timedelta(hours=1)
     baseline_days: int = 7
     cool_down: timedelta | None = None

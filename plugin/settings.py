@@ -186,8 +186,9 @@ class BreakerConfigModel(_Strict):
     enabled: bool = True
     multiplier: Positive = Fraction(10)
     """Trip when the last hour's spend exceeds this many times the typical hourly spend."""
-    floor_credits_per_hour: NonNegative = Fraction(10)
-    """The typical hourly spend is never taken as less than this (new customers)."""
+    floor_credits_per_hour: NonNegative = Fraction(100)
+    """The typical hourly spend is never taken as less than this: a new customer is frozen only past
+    K x this in an hour (1,000 credits by default, a tenth of the pro plan's month)."""
     baseline_days: int = Field(default=7, ge=1, le=90)
     cool_down_minutes: int | None = Field(default=None, ge=1, le=10_080)
     """None: an open breaker waits for an operator. Else a trickle is let through after this long."""
