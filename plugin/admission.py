@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +23,7 @@ from plugin.counters.base import Account, CounterError, Settled
 from plugin.ledger import accounts
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import Profile
+from plugin.ledger.store import BillingRecord
 from plugin.limits import crossed_thresholds, soft_limit_base_ucr
 from plugin.notify import Notice
 from plugin.policy import Ceiling, Estimate, Refusal, ask, credits_text, interpret, refusal_message
@@ -164,16 +165,49 @@ async def alert(meterline: Meterline, kind: str, message: str, *, customer_id: s
         await asyncio.to_thread(meterline.tell_operator, notice)
 
 
-async def settle(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr: int) -> Settled | None:
-    """Bill real usage through the counters (never past the ceiling). None when the counters cannot
-    answer: the ledger stays the truth (counters are rebuilt from it) and the call is billed in full."""
+async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingRecord
+                      ) -> tuple[BillingRecord, Settled | None]:
+    """Settle the call through the counters (billed as used, never past the ceiling) and commit its
+    ledger row; returns the record as written and the settlement (None if the counters could not
+    answer: the call is then billed in full, and counters are rebuilt from the ledger).
+
+    The embedded counter store settles inside the ledger writer's transaction: one commit for both.
+    Redis settles first, with one script call. Raises what the ledger write raised."""
+    if not admitted.metered:
+        record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
+    actual, now = record.entry.credits_ucr, meterline.clock()
+    in_ledger = meterline.counters_in_ledger
+    if in_ledger is not None:
+        outcome: list[Settled] = []
+
+        def settle_with_ledger(connection, pending: BillingRecord) -> BillingRecord:
+            settled = in_ledger.settle_on(connection, account, pending.entry.id, actual, cap_ucr=admitted.cap_ucr,
+                                          now=now)
+            outcome.append(settled)
+            return within(pending, settled)
+
+        written = await meterline.writer.write(record, settle_with_ledger)
+        return written, (outcome[0] if outcome else None)
     try:
-        return await asyncio.to_thread(meterline.counters.settle, account, request_id, actual_ucr,
-                                       cap_ucr=admitted.cap_ucr, now=meterline.clock())
+        settled = await asyncio.to_thread(meterline.counters.settle, account, record.entry.id, actual,
+                                          cap_ucr=admitted.cap_ucr, now=now)
     except CounterError as error:
-        log.warning("meterline: could not settle %s: %s", request_id, error)
-        return None
+        log.warning("meterline: could not settle %s: %s", record.entry.id, error)
+        settled = None
+    written = await meterline.writer.write(record if settled is None else within(record, settled))
+    return written, settled
+
+
+def within(record: BillingRecord, settled: Settled) -> BillingRecord:
+    """The record billed as settled: what would have crossed the ceiling (an estimate fell short) is
+    reported in an alert, not silently dropped."""
+    actual = record.entry.credits_ucr
+    if settled.billed_ucr >= actual:
+        return record
+    note = f"{actual - settled.billed_ucr} µcr of usage not billed: it would have crossed the customer's ceiling"
+    return replace(record, entry=replace(record.entry, credits_ucr=settled.billed_ucr),
+                   alert=f"{record.alert}; {note}" if record.alert else note)
 
 
 async def release(meterline: Meterline, admitted: Admitted, request_id: str) -> None:

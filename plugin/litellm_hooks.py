@@ -18,7 +18,6 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import replace
 from datetime import UTC, datetime
 
 import litellm
@@ -33,7 +32,6 @@ from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
     request_labels,
 )
-from plugin.ledger.store import BillingRecord
 from plugin.metering import FinishedCall, bill
 from plugin.pricing import Usage
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
@@ -241,17 +239,29 @@ async def _settle(
         usage_source=source,
         chunks=chunks,
     )
-    record = await _within_ceiling(meterline, state, bill(call, meterline.price_book))
+    record = bill(call, meterline.price_book)
+    admitted = _admitted(state) if "admitted" in state else None
     try:
-        await meterline.writer.write(record)
+        if admitted is None:
+            written, settled = await meterline.writer.write(record), None
+        else:
+            written, settled = await admission.record_bill(meterline, admitted, record)
     except Exception as exc:
         log.error("meterline: could not record ledger row %s: %s", call.ledger_id, exc.__class__.__name__)
+        if admitted is not None and admitted.reserved:
+            _background(_release(meterline, state))
         raise _refuse(
             "billing_unavailable",
             "The request could not be recorded for billing, so its answer was withheld. Try again shortly.",
             503,
         ) from None
-    state["credits_ucr"] = record.entry.credits_ucr
+    if admitted is not None:
+        state["admitted"]["reserved"] = False
+        if settled is not None:
+            state["remaining"] = None if admitted.cap_ucr is None else max(
+                0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr)
+            _background(admission.after_settle(meterline, admitted, settled))
+    state["credits_ucr"] = written.entry.credits_ucr
 
 
 # ------------------------------------------------------------------------------ limits
@@ -279,29 +289,6 @@ def _admitted(state: dict) -> admission.Admitted:
     saved = state["admitted"]
     return admission.Admitted(state["customer"], datetime.fromisoformat(saved["period"]), saved["cap"],
                               saved["reserved"], metered=saved["metered"])
-
-
-async def _within_ceiling(meterline: runtime.Meterline, state: dict, record: BillingRecord) -> BillingRecord:
-    """Settle through the counters: real usage is billed, never past the ceiling. What could not be
-    billed (the estimate fell short) is reported in an alert, not silently dropped."""
-    if "admitted" not in state:
-        return record
-    admitted = _admitted(state)
-    credits = record.entry.credits_ucr
-    settled = await admission.settle(meterline, admitted, record.entry.id, credits)
-    state["admitted"]["reserved"] = False
-    if not admitted.metered:
-        record = replace(record, meter=False)
-    if settled is None:
-        return record
-    state["remaining"] = None if admitted.cap_ucr is None else max(
-        0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr)
-    _background(admission.after_settle(meterline, admitted, settled))
-    if settled.billed_ucr >= credits:
-        return record
-    note = f"{credits - settled.billed_ucr} µcr of usage not billed: it would have crossed the customer's ceiling"
-    return replace(record, entry=replace(record.entry, credits_ucr=settled.billed_ucr),
-                   alert=f"{record.alert}; {note}" if record.alert else note)
 
 
 async def _release(meterline: runtime.Meterline, state: dict) -> None:

@@ -151,6 +151,12 @@ class Meterline:
                 self.settings.redis_url, lambda customer, start, end: billed_between(engine, customer, start, end))
         return SqlCounterStore(self.engine)
 
+    @property
+    def counters_in_ledger(self) -> SqlCounterStore | None:
+        """The embedded counter store, which settles inside the ledger writer's transaction; None with Redis."""
+        counters = self.counters
+        return counters if isinstance(counters, SqlCounterStore) else None
+
     @cached_property
     def breaker_config(self) -> BreakerConfig:
         config = self.config.policies.breaker

@@ -66,7 +66,10 @@ async def one_call(meterline: Meterline, customer_id: str, n: int, credits: int)
     """One request through admission: admit, bill `credits`, run the checks after billing."""
     admitted = await admission.admit(meterline, customer_id, f"{customer_id}-{n}", model="m", asked_max_tokens=None,
                                      prompt_tokens=lambda: 0)
-    settled = await admission.settle(meterline, admitted, f"{customer_id}-{n}", credits * M)
+    record = BillingRecord(LedgerRow(id=f"{customer_id}-{n}", customer_id=customer_id, model="m",
+                                     credits_ucr=credits * M, created_at=meterline.clock()))
+    written, settled = await admission.record_bill(meterline, admitted, record)
+    assert written.entry.credits_ucr == settled.billed_ucr == credits * M
     await admission.after_settle(meterline, admitted, settled)
 
 

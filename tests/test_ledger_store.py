@@ -134,3 +134,40 @@ def test_a_database_from_an_earlier_build_gets_the_new_columns(tmp_path):
         "old", False, 0, None, None)
     make_engine(f"sqlite:///{path}").dispose()  # a second start finds nothing to add
     engine.dispose()
+
+
+async def test_a_settlement_runs_in_the_writers_transaction_once_per_ledger_id(engine):
+    """The embedded counters settle inside the ledger's transaction: counters and row commit together,
+    a repeated write settles nothing, and a failing settlement writes nothing."""
+    from dataclasses import replace
+
+    from plugin.counters.base import Account
+    from plugin.counters.sql import SqlCounterStore
+
+    counters = SqlCounterStore(engine)
+    account = Account("acme", datetime(2026, 11, 1, tzinfo=UTC))
+    calls: list[str] = []
+
+    def settle(connection, record: BillingRecord) -> BillingRecord:
+        calls.append(record.entry.id)
+        settled = counters.settle_on(connection, account, record.entry.id, record.entry.credits_ucr,
+                                     cap_ucr=1500, now=datetime.now(UTC))
+        return replace(record, entry=replace(record.entry, credits_ucr=settled.billed_ucr))
+
+    writer = LedgerWriter(engine)
+    try:
+        first = await writer.write(BillingRecord(entry("s1", credits=1000)), settle)
+        second = await writer.write(BillingRecord(entry("s2", credits=1000)), settle)  # only 500 fit under 1,500
+        again = await writer.write(BillingRecord(entry("s2", credits=1000)), settle)  # already in the ledger
+
+        def refuse(connection, record):
+            raise DBAPIError("settle", {}, Exception("boom"))
+
+        with pytest.raises(DBAPIError):
+            await writer.write(BillingRecord(entry("s3", credits=1000)), refuse)
+    finally:
+        writer.close()
+    assert (first.entry.credits_ucr, second.entry.credits_ucr, again.entry.credits_ucr) == (1000, 500, 1000)
+    assert calls == ["s1", "s2"]
+    assert {row.id: row.credits_ucr for row in store.ledger_rows(engine)} == {"s1": 1000, "s2": 500}
+    assert counters.snapshot(account, datetime.now(UTC)).used_ucr == 1500

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, event, func, inspect, select, text
+from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text
 from sqlalchemy.schema import CreateColumn
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -201,18 +201,39 @@ _INSERT_LEDGER = {
 }
 
 
-def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
-    """Write ledger + outbox (+ alert) rows in ONE transaction; returns how many were new.
+_ALREADY_IN_LEDGER = select(_LEDGER.c.id).where(_LEDGER.c.id.in_(bindparam("ids", expanding=True)))
 
-    A ledger id seen before is skipped with its outbox row, so a repeated write never bills twice.
-    Only positive amounts become meter events: Stripe takes positive whole numbers.
+Settle = Callable[[Connection, BillingRecord], BillingRecord]
+"""Runs inside the ledger's transaction just before its record is written, and returns the record to
+write: the embedded counter store settles there, so counters and ledger change in one commit."""
+
+
+def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
+    """Write ledger + outbox (+ alert) rows in ONE transaction; returns how many were new."""
+    return len(record_batch(engine, records))
+
+
+def record_batch(engine: Engine, records: Iterable[BillingRecord],
+                 settlements: Mapping[str, Settle] | None = None) -> dict[str, BillingRecord]:
+    """Write ledger + outbox (+ alert) rows in ONE transaction; returns the new records as written.
+
+    A ledger id seen before is skipped with its outbox row (and its settlement is not run), so a
+    repeated write never bills twice. Only positive amounts become meter events: Stripe takes
+    positive whole numbers. A settlement that fails fails the whole transaction, like any other
+    write in it: counters and ledger never disagree.
     """
     unique: dict[str, BillingRecord] = {}
     for record in records:
         unique.setdefault(record.entry.id, record)
     if not unique:
-        return 0
+        return {}
+    settlements = settlements or {}
     with engine.begin() as connection:
+        if settlements:
+            seen = set(connection.execute(_ALREADY_IN_LEDGER, {"ids": list(settlements)}).scalars())
+            for ledger_id, settle in settlements.items():
+                if ledger_id in unique and ledger_id not in seen:
+                    unique[ledger_id] = settle(connection, unique[ledger_id])
         # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
         inserted = set(
             connection.execute(
@@ -235,7 +256,8 @@ def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
         ]
         if alerts:
             connection.execute(_ALERTS.insert(), alerts)
-    return len(new)
+    return {record.entry.id: record for record in new}
+
 
 
 def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 1000) -> Iterator[LedgerEntry]:
