@@ -17,12 +17,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from plugin import breaker
+from plugin import breaker, metrics
 from plugin.breaker import BreakerStatus
 from plugin.counters.base import Account, CounterError, Settled
 from plugin.ledger import accounts
 from plugin.ledger import store as ledger_store
-from plugin.ledger.accounts import Profile
+from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.store import BillingRecord
 from plugin.limits import crossed_thresholds, soft_limit_base_ucr
 from plugin.notify import Notice
@@ -40,6 +40,7 @@ class Refused(Exception):
     def __init__(self, status: int, reason: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.retry_after = status, reason, message, retry_after
+        metrics.REFUSALS.labels(str(reason)).inc()
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
         return Admitted(customer_id, meterline.period(None, now).start, None, False)
     if known.breaker.status is not BreakerStatus.CLOSED:
         await _through_breaker(meterline, known, now)
+    if not meterline.directory.knows_switch(GLOBAL_OVERAGE_BLOCK):  # read it off the event loop
+        await asyncio.to_thread(meterline.directory.switch, GLOBAL_OVERAGE_BLOCK)
     plan = meterline.plan_of(known)
     limit = meterline.ceiling_of(known)
     period = meterline.period(known, now)
@@ -246,6 +249,7 @@ async def _maybe_trip(meterline: Meterline, known: Profile, settled: Settled, no
                                      decision.transition, expected=BreakerStatus.CLOSED)
     meterline.directory.remember_breaker(known.customer_id, decision.state)
     if stored:  # another proxy may have tripped it a moment earlier: it alerted then
+        metrics.BREAKER_TRIPS.inc()
         await alert(meterline, "circuit_open", f"circuit breaker opened for {known.customer_id}: "
                     f"{decision.transition.why}", customer_id=known.customer_id, notify_operator=True)
 
@@ -273,6 +277,7 @@ async def _soft_limits(meterline: Meterline, known: Profile, admitted: Admitted,
         claimed = await asyncio.to_thread(accounts.claim_notice, meterline.engine, known.customer_id, period_key, pct)
         if not claimed:
             continue
+        metrics.SOFT_LIMIT_NOTICES.inc()
         notice = soft_limit_notice(known, pct, base, settled.used_ucr, limit, period.end)
         await alert(meterline, "soft_limit", notice.text, customer_id=known.customer_id)
         await asyncio.to_thread(meterline.tell_customer, known, notice)

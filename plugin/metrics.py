@@ -27,6 +27,19 @@ RELAY_EVENTS = Counter(
 )
 
 
+REFUSALS = Counter(
+    "meterline_refusals", "Requests meterline refused before the provider call, by reason (error.type).",
+    ["reason"], registry=REGISTRY,
+)
+BREAKER_TRIPS = Counter(
+    "meterline_breaker_trips", "Circuit breakers this process opened on a spend spike.", registry=REGISTRY,
+)
+SOFT_LIMIT_NOTICES = Counter(
+    "meterline_soft_limit_notices", "Soft-limit thresholds crossed (each fires once per customer and period).",
+    registry=REGISTRY,
+)
+
+
 def count_outcomes(sink: str, steps: Sequence[Step]) -> None:
     for step in steps:
         RELAY_EVENTS.labels(sink, step.status.value).inc()

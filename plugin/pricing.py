@@ -223,6 +223,7 @@ class PriceBook:
     prices: Mapping[str, ProviderPrice] = field(default_factory=dict)
     model_cost: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     _converted: dict[str, ProviderPrice | None] = field(default_factory=dict, repr=False)
+    _rates: dict[str, tuple[Fraction, Fraction]] = field(default_factory=dict, repr=False)
 
     def rule_for(self, model: str) -> CreditRule:
         return self.rules.get(model, self.default_rule)
@@ -245,9 +246,12 @@ class PriceBook:
         """Exact µcr per fresh input token and per output token of a model group: pricing is linear
         in tokens, so this is what a reservation needs before the call (the deployment is not yet
         chosen, so the group's own price is used)."""
-        rule, provider_price = self.rule_for(model), self.price_for(model)
-        return (price(Usage(prompt_tokens=1), rule, provider_price).exact_ucr,
-                price(Usage(completion_tokens=1), rule, provider_price).exact_ucr)
+        rates = self._rates.get(model)
+        if rates is None:  # every capped request asks: remembered per model (the book never changes)
+            rule, provider_price = self.rule_for(model), self.price_for(model)
+            rates = self._rates[model] = (price(Usage(prompt_tokens=1), rule, provider_price).exact_ucr,
+                                          price(Usage(completion_tokens=1), rule, provider_price).exact_ucr)
+        return rates
 
     def charge(self, usage: Usage, model: str, deployment_model: str | None = None) -> Charge:
         """Price a call of model group `model` served by `deployment_model` ("provider/name")."""

@@ -206,7 +206,7 @@ class Meterline:
     def plan_of(self, customer: Profile) -> PlanConfig:
         """The customer's plan with its own terms over it. An unknown plan name (removed from
         meterline.yaml) is treated as a plan with nothing included and no limit, never as free."""
-        plan = self.config.plans.get(customer.plan, PlanConfig())
+        plan = self.config.plans.get(customer.plan, _NO_PLAN)
         return plan if customer.terms is None else customer.terms.apply(plan)
 
     def ceiling_of(self, customer: Profile) -> Ceiling | None:
@@ -260,6 +260,8 @@ class Meterline:
             return anchored_month(customer.period_anchor, now)
         return calendar_month(now)
 
+
+_NO_PLAN = PlanConfig()
 
 PROCESS_SEAL = secrets.token_hex(16)
 """Marks per-request state this process created, so a client's own metadata can never pose as it."""

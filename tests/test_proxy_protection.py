@@ -332,3 +332,15 @@ def test_a_legacy_plan_is_in_the_ledger_but_never_metered(protected):
     assert row.credits_ucr > 0
     assert outbox_store.list_events(protected.engine, customer_id="old-flat-rate", limit=10) == []
     assert store.list_outbox_ids(protected.engine, "old-flat-rate") == []
+
+
+def test_metrics_count_refusals_breaker_trips_and_notices(protected):
+    """Runs last in this module: the counters reflect the tests above (Prometheus exposition)."""
+    with protected.api() as api:
+        text = api.get("/metrics").text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("meterline_") and not line.startswith("meterline_relay")}
+    for reason in ("hard_limit_reached", "overage_blocked", "circuit_open", "rate_limited"):
+        assert values[f'meterline_refusals_total{{reason="{reason}"}}'] >= 1, reason
+    assert values["meterline_breaker_trips_total"] == 1  # the runaway customer
+    assert values["meterline_soft_limit_notices_total"] >= 2  # the watched customer's 1% and 2%

@@ -103,6 +103,12 @@ class Directory:
             self._switches[name] = (enabled, self._clock() + self._ttl)
         return enabled
 
+    def knows_switch(self, name: str) -> bool:
+        """True when `switch(name)` answers from memory, without touching the database."""
+        with self._lock:
+            entry = self._switches.get(name)
+        return entry is not None and self._clock() < entry[1]
+
     def forget_switch(self, name: str) -> None:
         with self._lock:
             self._switches.pop(name, None)
