@@ -24,7 +24,7 @@ M = 1_000_000
 HOUR_START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 T0 = HOUR_START + timedelta(minutes=5)
 CONFIG = MeterlineConfig.model_validate({
-    "plans": {"pro": {"included_credits": 1000}},
+    "plans": {"pro": {"included_credits": 1000}, "payg": {"overage_usd_per_credit": "0.001"}},
     "policies": {"soft_thresholds_pct": [1, 2],
                  "breaker": {"floor_credits_per_hour": "5", "cool_down_minutes": 30, "trickle_requests": 3}},
 })
@@ -136,3 +136,20 @@ async def test_soft_limits_fire_once_per_threshold_and_again_next_period(meterli
     for n in range(9, 12):  # 12 credits in December: the 1% threshold again
         await one_call(meterline, "soft", n, credits=4)
     assert len(store.list_alerts(meterline.engine, "soft_limit")) == 3
+
+
+async def test_without_quota_or_limit_soft_limits_measure_against_typical_spend(meterline):
+    """Pay as you go: 80% of what the customer typically spends in a period (1 credit an hour over
+    the last 7 days: 720 credits in November)."""
+    customer_with_history(meterline, "payg-customer", hourly_credits=1)
+    accounts.set_terms(meterline.engine, "payg-customer", plan="payg")
+    # 600 credits at once is a spike the breaker would stop; it is not what this test is about
+    meterline.config = CONFIG.model_copy(update={"policies": CONFIG.policies.model_copy(
+        update={"breaker": CONFIG.policies.breaker.model_copy(update={"enabled": False})})})
+    accounts.put_limits(meterline.engine, "payg-customer", {"soft_thresholds_pct": [80]}, by="test")
+    for n in range(4):  # 168 credits of history this month, then 100 a call: 568
+        await one_call(meterline, "payg-customer", n, credits=100)
+    assert store.list_alerts(meterline.engine, "soft_limit") == []
+    await one_call(meterline, "payg-customer", 4, credits=100)  # 668: past 576
+    [alert] = store.list_alerts(meterline.engine, "soft_limit")
+    assert alert.message.startswith("payg-customer has used 668 credits this period, 80% of 720.")

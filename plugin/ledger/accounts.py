@@ -170,11 +170,12 @@ def set_switch(engine: Engine, name: str, enabled: bool, *, by: str) -> None:
 
 def claim_notice(engine: Engine, customer_id: str, period_key: str, threshold_pct: int) -> bool:
     """Record that a threshold fired this period; True only for the first caller, in any process."""
-    statement = _INSERT[engine.dialect.name](SoftLimitNotice.__table__).values(
+    table = SoftLimitNotice.__table__
+    statement = _INSERT[engine.dialect.name](table).values(
         customer_id=customer_id, period=period_key, threshold_pct=threshold_pct, fired_at=utcnow(),
-    ).on_conflict_do_nothing()
+    ).on_conflict_do_nothing().returning(table.c.threshold_pct)  # RETURNING: rowcount is not reliable here
     with engine.begin() as connection:
-        return connection.execute(statement).rowcount == 1
+        return connection.execute(statement).first() is not None
 
 
 # ---------------------------------------------------------------- circuit breakers
