@@ -136,7 +136,9 @@ def report(results: dict, args) -> str:
         f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | {cpu['on'] - cpu['off']:+.2f} ms |",
     ]
     samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load rounds of {args.load_requests} per side"
-    return "\n".join(lines) + f"\n\n{samples}; ledger on SQLite (embedded defaults)."
+    counters = "counters in Redis" if args.redis else "counters in the ledger's database"
+    customer = "a capped customer (reserve + settle)" if args.capped else "an unlimited customer (settle only)"
+    return "\n".join(lines) + f"\n\n{samples}; ledger on SQLite, {counters}, {customer}."
 
 
 def main() -> None:
@@ -148,9 +150,10 @@ def main() -> None:
     parser.add_argument("--deliver", choices=("v1", "v2"), default=None,
                         help="the plugin-on proxy's relay also delivers meter events to the Stripe emulator, "
                              "with v1 meter events or the v2 stream")
-    parser.add_argument("--capped", choices=("embedded", "redis"), default=None,
-                        help="bill a customer on a capped plan, so every request reserves and settles, with the "
-                             "counters in the ledger's database or in a real redis-server")
+    parser.add_argument("--capped", action="store_true",
+                        help="bill a customer on a capped plan, so every request also reserves before the call")
+    parser.add_argument("--redis", action="store_true",
+                        help="keep the spending counters in a real redis-server instead of the ledger's database")
     args = parser.parse_args()
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     with contextlib.ExitStack() as stack:
@@ -167,8 +170,8 @@ def main() -> None:
             # A cap far above what the run spends: every request reserves and settles, none is refused.
             plan = "capped"
             meterline_yaml |= {"plans": METERLINE_YAML["plans"] | {"capped": {"cap_credits": 10**9}}}
-            if args.capped == "redis":
-                env["METERLINE_REDIS_URL"] = stack.enter_context(running_redis())
+        if args.redis:
+            env["METERLINE_REDIS_URL"] = stack.enter_context(running_redis())
         if args.deliver:
             emulator = stack.enter_context(run_stripe_emulator())
             StripeSetup(emulator.client(), MeterlineConfig.model_validate(PRICED_YAML)).run()

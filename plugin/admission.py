@@ -123,7 +123,11 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
     """An open (or half-open) breaker: refuse, or let the trickle through; store what changed."""
     config = meterline.breaker_config
-    this_hour, previous_hour = await asyncio.to_thread(meterline.counters.hour_spend, known.customer_id, now)
+    try:
+        this_hour, previous_hour = await asyncio.to_thread(meterline.counters.hour_spend, known.customer_id, now)
+    except CounterError as error:  # without the spend figures it stays as it is: open
+        await counters_down(meterline, error)
+        raise Refused(402, Refusal.CIRCUIT_OPEN, breaker_message(known.breaker)) from None
     window = breaker.window_spend_ucr(this_hour, previous_hour, int(now.timestamp()) % 3600)
     threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
     decision = breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now,
@@ -165,7 +169,14 @@ async def alert(meterline: Meterline, kind: str, message: str, *, customer_id: s
     if notify_operator:
         notice = Notice(kind=kind, subject=f"meterline: {kind.replace('_', ' ')}"
                         + (f" for {customer_id}" if customer_id else ""), text=message, customer_id=customer_id)
-        await asyncio.to_thread(meterline.tell_operator, notice)
+        await _told(meterline, notice, await asyncio.to_thread(meterline.tell_operator, notice))
+
+
+async def _told(meterline: Meterline, notice: Notice, failures: list[str]) -> None:
+    """A notice some channel could not deliver leaves a `notify_failed` alert in the app, so it is not lost."""
+    if failures:
+        await alert(meterline, "notify_failed", f"{notice.kind} notice not delivered: {'; '.join(failures)}",
+                    customer_id=notice.customer_id)
 
 
 async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingRecord
@@ -175,7 +186,9 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     answer: the call is then billed in full, and counters are rebuilt from the ledger).
 
     The embedded counter store settles inside the ledger writer's transaction: one commit for both.
-    Redis settles first, with one script call. Raises what the ledger write raised."""
+    Redis settles first, with one script call, on a worker thread: never in the writer's thread,
+    where a Redis outage (seconds of connect timeout per call) would stall every request's write.
+    Raises what the ledger write raised."""
     if not admitted.metered:
         record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
@@ -280,7 +293,7 @@ async def _soft_limits(meterline: Meterline, known: Profile, admitted: Admitted,
         metrics.SOFT_LIMIT_NOTICES.inc()
         notice = soft_limit_notice(known, pct, base, settled.used_ucr, limit, period.end)
         await alert(meterline, "soft_limit", notice.text, customer_id=known.customer_id)
-        await asyncio.to_thread(meterline.tell_customer, known, notice)
+        await _told(meterline, notice, await asyncio.to_thread(meterline.tell_customer, known, notice))
 
 
 def soft_limit_notice(known: Profile, pct: int, base_ucr: int, used_ucr: int, limit: Ceiling | None,

@@ -124,6 +124,7 @@ async def test_a_steady_heavy_customer_is_not_tripped(meterline):
 async def test_soft_limits_fire_once_per_threshold_and_again_next_period(meterline):
     """1% and 2% of 1,000 included credits; the calendar month turns over in between."""
     store.add_customer(meterline.engine, "soft", "pro")
+    accounts.put_limits(meterline.engine, "soft", {"notify_email": "billing@soft.example"}, by="test")
     clock = meterline.clock
     for n in range(6):  # 24 credits: past 10 and 20
         await one_call(meterline, "soft", n, credits=4)
@@ -136,6 +137,10 @@ async def test_soft_limits_fire_once_per_threshold_and_again_next_period(meterli
     for n in range(9, 12):  # 12 credits in December: the 1% threshold again
         await one_call(meterline, "soft", n, credits=4)
     assert len(store.list_alerts(meterline.engine, "soft_limit")) == 3
+    # No SMTP server is configured here: each undelivered email is an alert, not a silent loss.
+    failed = store.list_alerts(meterline.engine, "notify_failed")
+    assert len(failed) == 3 and failed[0].message == (
+        "soft_limit notice not delivered: email to 1 recipient(s) not sent: no SMTP server configured")
 
 
 async def test_without_quota_or_limit_soft_limits_measure_against_typical_spend(meterline):

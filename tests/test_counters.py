@@ -193,10 +193,20 @@ def test_concurrent_reservations_never_overspend(counters):
     assert counters.snapshot(ACME, NOW) == Snapshot(0, 10_000)
 
 
-def test_an_unreachable_redis_is_a_counter_error():
-    store = RedisCounterStore.from_url(f"redis://127.0.0.1:{free_port()}/0", lambda *_: 0)
+def test_an_unreachable_redis_is_a_counter_error_then_fails_fast_for_a_moment():
+    moment = [100.0]
+    store = RedisCounterStore(redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), lambda *_: 0,
+                              pause_after_failure=1.0, clock=lambda: moment[0])
     with pytest.raises(CounterError, match="redis counters: ConnectionError"):
         store.reserve(ACME, "r1", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
+    # The next calls within the pause do not wait for a connection again.
+    with pytest.raises(CounterError, match="unreachable a moment ago"):
+        store.settle(ACME, "r1", 5, cap_ucr=None, now=NOW)
+    with pytest.raises(CounterError, match="unreachable a moment ago"):
+        store.hour_spend("acme", NOW)
+    moment[0] += 1.5  # the pause is over: it tries (and fails) again
+    with pytest.raises(CounterError, match="redis counters: ConnectionError"):
+        store.reserve(ACME, "r2", Ask(1, 1), cap_ucr=None, expires_at=LATER, now=NOW)
 
 
 def test_a_failing_database_is_a_counter_error(tmp_path):

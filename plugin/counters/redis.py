@@ -8,6 +8,7 @@ shared backend test-suite checks them against those functions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
@@ -53,9 +54,13 @@ class RedisCounterStore:
     """`ledger_billed` reads the ledger: an account's counters (and the breaker's hour buckets) start
     from it, so a new period, a flushed Redis or usage from before the counters all start right."""
 
-    def __init__(self, client: redis.Redis, ledger_billed: Billed) -> None:
+    def __init__(self, client: redis.Redis, ledger_billed: Billed, *, pause_after_failure: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.ledger_billed = ledger_billed
+        self._pause = pause_after_failure
+        self._clock = clock
+        self._down_until = 0.0
         self._reserve = _script(client, "reserve")
         self._settle = _script(client, "settle")
         self._snapshot = _script(client, "snapshot")
@@ -67,6 +72,7 @@ class RedisCounterStore:
     def _call(self, script, account: Account, keys: list[str], args: list, hour: int) -> list:
         """Run a script; if the account is unseeded, seed it from the ledger (NX writes: a concurrent
         seeder wins harmlessly, both read the same ledger) and run it once more."""
+        self._refuse_while_down()
         try:
             answer = script(keys=keys, args=args)
             if answer[0] == UNSEEDED:
@@ -74,7 +80,18 @@ class RedisCounterStore:
                 answer = script(keys=keys, args=args)
             return answer
         except redis.RedisError as error:
-            raise CounterError(f"redis counters: {error.__class__.__name__}") from error
+            raise self._failed(error) from error
+
+    def _refuse_while_down(self) -> None:
+        """Fail fast for a moment after Redis could not be reached: otherwise every request would wait
+        out the connect timeout (seconds) while METERLINE_FAIL_MODE decides the same thing anyway."""
+        if self._clock() < self._down_until:
+            raise CounterError("redis counters: unreachable a moment ago, not retried yet")
+
+    def _failed(self, error: redis.RedisError) -> CounterError:
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            self._down_until = self._clock() + self._pause
+        return CounterError(f"redis counters: {error.__class__.__name__}")
 
     def _seed(self, account: Account, hour: int) -> None:
         customer = account.customer_id
@@ -123,14 +140,15 @@ class RedisCounterStore:
         return Snapshot(int(used), int(reserved))
 
     def hour_spend(self, customer_id: str, now: datetime) -> tuple[int, int]:
+        self._refuse_while_down()
         try:
             current, previous = self.client.mget(hour_keys(customer_id, hour_index(now)))
         except redis.RedisError as error:
-            raise CounterError(f"redis counters: {error.__class__.__name__}") from error
+            raise self._failed(error) from error
         return int(current or 0), int(previous or 0)
 
     def rebuild(self, account: Account, used_ucr: int) -> None:
         try:
             self.client.hset(account_keys(account).counters, "used", used_ucr)
         except redis.RedisError as error:
-            raise CounterError(f"redis counters: {error.__class__.__name__}") from error
+            raise self._failed(error) from error
