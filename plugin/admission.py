@@ -209,7 +209,7 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         settled = await asyncio.to_thread(meterline.counters.settle, account, record.entry.id, actual,
                                           cap_ucr=admitted.cap_ucr, now=now)
     except CounterError as error:
-        log.warning("meterline: could not settle %s: %s", record.entry.id, error)
+        await counters_down(meterline, error)
         settled = None
     written = await meterline.writer.write(record if settled is None else within(record, settled))
     return written, settled

@@ -61,6 +61,7 @@ class RedisCounterStore:
         self._pause = pause_after_failure
         self._clock = clock
         self._down_until = 0.0
+        self._last_failure = ""
         self._reserve = _script(client, "reserve")
         self._settle = _script(client, "settle")
         self._snapshot = _script(client, "snapshot")
@@ -86,11 +87,12 @@ class RedisCounterStore:
         """Fail fast for a moment after Redis could not be reached: otherwise every request would wait
         out the connect timeout (seconds) while METERLINE_FAIL_MODE decides the same thing anyway."""
         if self._clock() < self._down_until:
-            raise CounterError("redis counters: unreachable a moment ago, not retried yet")
+            raise CounterError(f"redis counters: {self._last_failure} a moment ago, not retried yet")
 
     def _failed(self, error: redis.RedisError) -> CounterError:
         if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
             self._down_until = self._clock() + self._pause
+            self._last_failure = error.__class__.__name__
         return CounterError(f"redis counters: {error.__class__.__name__}")
 
     def _seed(self, account: Account, hour: int) -> None:
