@@ -59,9 +59,36 @@ class Admitted:
 
 
 async def profile(meterline: Meterline, customer_id: str) -> Profile | None:
-    """The customer's profile, from memory when fresh (most requests), else off the event loop."""
+    """The customer's profile from memory. Past its `ttl` it is still used once more while a fresh copy
+    is read in the background (stale-while-revalidate): no request waits for the database except a
+    customer's first. Changes made in this process apply at once (`Directory.forget`)."""
     directory = meterline.directory
-    return directory.cached_profile(customer_id) or await asyncio.to_thread(directory.profile_of, customer_id)
+    known = directory.cached_profile(customer_id)
+    if known is not None:
+        return known
+    stale = directory.cached_profile(customer_id, stale_ok=True)
+    if stale is None:
+        return await asyncio.to_thread(directory.reload_profile, customer_id)
+    _refresh(("profile", customer_id), directory.reload_profile, customer_id)
+    return stale
+
+
+_refreshing: dict[tuple, asyncio.Future] = {}
+
+
+def _refresh(key: tuple, read: Callable, *args) -> None:
+    """Run `read(*args)` on a worker thread unless the same refresh is already under way."""
+    if key in _refreshing:
+        return
+    future = asyncio.get_running_loop().run_in_executor(None, read, *args)
+    _refreshing[key] = future
+
+    def done(finished: asyncio.Future) -> None:
+        _refreshing.pop(key, None)
+        if not finished.cancelled() and finished.exception() is not None:
+            log.warning("meterline: could not refresh %s: %s", key[0], finished.exception().__class__.__name__)
+
+    future.add_done_callback(done)
 
 
 async def admit(meterline: Meterline, customer_id: str, request_id: str, *, model: str,
@@ -77,10 +104,14 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
         return Admitted(customer_id, meterline.period(None, now).start, None, False)
     if known.breaker.status is not BreakerStatus.CLOSED:
         await _through_breaker(meterline, known, now)
-    if not meterline.directory.knows_switch(GLOBAL_OVERAGE_BLOCK):  # read it off the event loop
-        await asyncio.to_thread(meterline.directory.switch, GLOBAL_OVERAGE_BLOCK)
+    directory = meterline.directory
+    if not directory.knows_switch(GLOBAL_OVERAGE_BLOCK, stale_ok=True):  # first read: off the event loop
+        await asyncio.to_thread(directory.switch, GLOBAL_OVERAGE_BLOCK)
+    elif not directory.knows_switch(GLOBAL_OVERAGE_BLOCK):  # remembered but old: refresh in the background
+        directory_switch = directory.switch
+        _refresh(("switch", GLOBAL_OVERAGE_BLOCK), lambda: directory_switch(GLOBAL_OVERAGE_BLOCK))
     plan = meterline.plan_of(known)
-    limit = meterline.ceiling_of(known)
+    limit = meterline.ceiling_of(known, stale_ok=True)
     period = meterline.period(known, now)
     rate = None if plan.requests_per_minute is None else RateLimit(plan.requests_per_minute)
     unreserved = Admitted(customer_id, period.start, None, False, metered=plan.metered)
@@ -270,7 +301,7 @@ async def _maybe_trip(meterline: Meterline, known: Profile, settled: Settled, no
 async def _soft_limits(meterline: Meterline, known: Profile, admitted: Admitted, settled: Settled,
                        now: datetime) -> None:
     plan = meterline.plan_of(known)
-    limit = meterline.ceiling_of(known)
+    limit = meterline.ceiling_of(known, stale_ok=True)
     thresholds = known.limits.soft_thresholds_pct
     if thresholds is None:
         thresholds = meterline.config.policies.soft_thresholds_pct

@@ -209,10 +209,11 @@ class Meterline:
         plan = self.config.plans.get(customer.plan, _NO_PLAN)
         return plan if customer.terms is None else customer.terms.apply(plan)
 
-    def ceiling_of(self, customer: Profile) -> Ceiling | None:
-        """The most the customer may be billed this period (plan cap, hard limit, overage blocks)."""
-        return effective_ceiling(self.plan_of(customer), customer.limits,
-                                 global_overage_block=self.directory.switch(GLOBAL_OVERAGE_BLOCK))
+    def ceiling_of(self, customer: Profile, *, stale_ok: bool = False) -> Ceiling | None:
+        """The most the customer may be billed this period (plan cap, hard limit, overage blocks).
+        `stale_ok`: the request path, which refreshes the global switch in the background."""
+        block = self.directory.switch(GLOBAL_OVERAGE_BLOCK, stale_ok=stale_ok)
+        return effective_ceiling(self.plan_of(customer), customer.limits, global_overage_block=block)
 
     def count_prompt_tokens(self, model: str, messages: list) -> int:
         """Prompt tokens of a chat request, for previews."""

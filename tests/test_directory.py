@@ -62,3 +62,29 @@ def test_the_key_memory_is_bounded(tmp_path):
     for secret in secrets:
         directory.customer_for_secret(secret)
     assert [directory.knows_key(secret) for secret in secrets] == [False, False, True, True, True]
+
+
+def test_a_stale_profile_is_still_at_hand_until_it_is_reloaded(tmp_path):
+    """Admission uses a profile past its ttl once more while a fresh copy is read in the background."""
+    from plugin.ledger import accounts
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store.add_customer(engine, "acme", "free")
+    clock = Clock()
+    directory = Directory(engine, ttl=5.0, clock=clock)
+    assert directory.profile_of("acme").plan == "free"
+    accounts.set_terms(engine, "acme", plan="pro")
+    clock.now += 6
+    assert directory.cached_profile("acme") is None
+    assert directory.cached_profile("acme", stale_ok=True).plan == "free"
+    assert directory.reload_profile("acme").plan == "pro"
+    assert directory.cached_profile("acme").plan == "pro"
+    assert directory.cached_profile("ghost", stale_ok=True) is None
+    accounts.set_switch(engine, accounts.GLOBAL_OVERAGE_BLOCK, True, by="test")
+    assert directory.switch(accounts.GLOBAL_OVERAGE_BLOCK) is True
+    accounts.set_switch(engine, accounts.GLOBAL_OVERAGE_BLOCK, False, by="test")
+    clock.now += 6
+    assert directory.switch(accounts.GLOBAL_OVERAGE_BLOCK, stale_ok=True) is True  # the old value, no read
+    assert not directory.knows_switch(accounts.GLOBAL_OVERAGE_BLOCK)
+    assert directory.switch(accounts.GLOBAL_OVERAGE_BLOCK) is False
+    engine.dispose()

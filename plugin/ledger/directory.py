@@ -61,11 +61,13 @@ class Directory:
         self._customers.add(customer_id)
         return True
 
-    def cached_profile(self, customer_id: str) -> Profile | None:
-        """The customer's profile if remembered and fresh, without touching the database."""
+    def cached_profile(self, customer_id: str, *, stale_ok: bool = False) -> Profile | None:
+        """The customer's profile if remembered (and fresh, unless `stale_ok`), without touching the database."""
         with self._lock:
             entry = self._profiles.get(customer_id)
-        return entry[0] if entry is not None and self._clock() < entry[1] else None
+        if entry is None:
+            return None
+        return entry[0] if stale_ok or self._clock() < entry[1] else None
 
     def profile_of(self, customer_id: str) -> Profile | None:
         """Plan, terms, limits and breaker, remembered for `ttl` seconds like keys: a change made in
@@ -73,6 +75,10 @@ class Directory:
         profile = self.cached_profile(customer_id)
         if profile is not None:
             return profile
+        return self.reload_profile(customer_id)
+
+    def reload_profile(self, customer_id: str) -> Profile | None:
+        """Read the profile from the database and remember it."""
         profile = accounts.load_profile(self._engine, customer_id)
         if profile is None:
             return None
@@ -92,22 +98,23 @@ class Directory:
             if entry is not None:
                 self._profiles[customer_id] = (replace(entry[0], breaker=state), entry[1])
 
-    def switch(self, name: str) -> bool:
-        """An operator switch (see plugin.ledger.accounts), remembered for `ttl` seconds."""
+    def switch(self, name: str, *, stale_ok: bool = False) -> bool:
+        """An operator switch (see plugin.ledger.accounts), remembered for `ttl` seconds (any age with
+        `stale_ok`, for callers that refresh it in the background)."""
         with self._lock:
             entry = self._switches.get(name)
-        if entry is not None and self._clock() < entry[1]:
+        if entry is not None and (stale_ok or self._clock() < entry[1]):
             return entry[0]
         enabled = accounts.get_switch(self._engine, name)
         with self._lock:
             self._switches[name] = (enabled, self._clock() + self._ttl)
         return enabled
 
-    def knows_switch(self, name: str) -> bool:
-        """True when `switch(name)` answers from memory, without touching the database."""
+    def knows_switch(self, name: str, *, stale_ok: bool = False) -> bool:
+        """True when `switch(name)` can answer from memory (fresh, or any age with `stale_ok`)."""
         with self._lock:
             entry = self._switches.get(name)
-        return entry is not None and self._clock() < entry[1]
+        return entry is not None and (stale_ok or self._clock() < entry[1])
 
     def forget_switch(self, name: str) -> None:
         with self._lock:
