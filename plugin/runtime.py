@@ -22,6 +22,7 @@ from plugin import metrics
 from plugin.baselines import Baselines
 from plugin.breaker import BreakerConfig
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
+from plugin.ledger.checkpoint import WalCheckpointer
 from plugin.ledger.directory import Directory
 from plugin.ledger.store import billed_between, make_engine
 from plugin.limits import effective_ceiling
@@ -124,6 +125,7 @@ class Meterline:
     prompt_token_counter: Callable[[str, list], int] | None = field(default=None, repr=False)
     """The gateway's tokenizer (set by plugin.litellm_hooks); previews fall back to ~4 characters a token."""
     _relay_thread: RelayThread | None = field(default=None, repr=False)
+    _checkpointer: WalCheckpointer | None = field(default=None, repr=False)
     _last_alerts: dict[str, float] = field(default_factory=dict, repr=False)
 
     @cached_property
@@ -238,7 +240,11 @@ class Meterline:
 
     def start(self) -> None:
         """Open the database and start the ledger writer (and the relay, when a sink is configured) now
-        rather than on the first request."""
+        rather than on the first request. SQLite's WAL is checkpointed by a thread of its own from now on
+        (plugin/ledger/checkpoint.py), never inside a request's commit."""
+        if self._checkpointer is None:
+            self._checkpointer = WalCheckpointer(self.engine)
+            self._checkpointer.start()
         self.writer  # noqa: B018  (cached_property: the access is the point)
         if self.settings.relay and self._relay_thread is None and (sink := self.sink()) is not None:
             self._relay_thread = RelayThread(self.relay(sink))
@@ -251,6 +257,9 @@ class Meterline:
             self._relay_thread = None
         if "writer" in self.__dict__:
             self.writer.close()
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         if "engine" in self.__dict__:
             self.engine.dispose()
 

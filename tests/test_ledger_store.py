@@ -171,3 +171,38 @@ async def test_a_settlement_runs_in_the_writers_transaction_once_per_ledger_id(e
     assert calls == ["s1", "s2"]
     assert {row.id: row.credits_ucr for row in store.ledger_rows(engine)} == {"s1": 1000, "s2": 500}
     assert counters.snapshot(account, datetime.now(UTC)).used_ucr == 1500
+
+
+def test_the_proxy_checkpoints_the_wal_off_the_request_path(tmp_path):
+    """With the checkpointer running, commits never checkpoint (automatic checkpoints are off on every
+    pooled connection) and its own thread checkpoints every interval."""
+    import time
+
+    from plugin.ledger.checkpoint import WalCheckpointer
+
+    class Counting(WalCheckpointer):
+        runs = 0
+
+        def checkpoint(self) -> None:
+            Counting.runs += 1
+            super().checkpoint()
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000  # SQLite's default
+    checkpointer = Counting(engine, interval=0.05)
+    checkpointer.start()
+    try:
+        for n in range(20):
+            store.write_records(engine, [BillingRecord(entry(f"w{n}"))])
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        deadline = time.monotonic() + 5
+        while Counting.runs < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Counting.runs >= 3 and checkpointer.running
+    finally:
+        checkpointer.stop()
+    assert not checkpointer.running
+    assert len(list(store.ledger_rows(engine))) == 20
+    engine.dispose()
