@@ -302,21 +302,19 @@ async def _soft_limits(meterline: Meterline, known: Profile, admitted: Admitted,
                        now: datetime) -> None:
     plan = meterline.plan_of(known)
     limit = meterline.ceiling_of(known, stale_ok=True)
-    thresholds = known.limits.soft_thresholds_pct
-    if thresholds is None:
-        thresholds = meterline.config.policies.soft_thresholds_pct
+    thresholds = known.limits.thresholds(meterline.config.policies.soft_thresholds_pct)
     if not thresholds:
         return
+    period = meterline.period(known, admitted.period_start)  # the period the call was admitted (and billed) in
     typical = 0
     if not plan.included_credits and limit is None:
-        typical = await meterline.baselines.typical_period(known, meterline.period(known, now), now)
+        typical = await meterline.baselines.typical_period(known, period, now)
     base = soft_limit_base_ucr(plan, limit, typical)
     if base is None:
         return
-    crossed = crossed_thresholds(tuple(thresholds), base, before_ucr=settled.used_ucr - settled.billed_ucr,
+    crossed = crossed_thresholds(thresholds, base, before_ucr=settled.used_ucr - settled.billed_ucr,
                                  after_ucr=settled.used_ucr)
-    period = meterline.period(known, now)
-    period_key = str(int(admitted.period_start.timestamp()))
+    period_key = Account(known.customer_id, admitted.period_start).period_key
     for pct in crossed:
         claimed = await asyncio.to_thread(accounts.claim_notice, meterline.engine, known.customer_id, period_key, pct)
         if not claimed:

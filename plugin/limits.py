@@ -31,6 +31,10 @@ class Limits:
     notify_email: str | None = None
     notify_webhook_url: str | None = None
 
+    def thresholds(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        """The soft thresholds in force: the customer's own, else the configured default."""
+        return default if self.soft_thresholds_pct is None else self.soft_thresholds_pct
+
 
 NO_LIMITS = Limits()
 

@@ -29,7 +29,7 @@ from plugin.ledger.store import StoreError, as_utc
 from plugin.limits import next_threshold, soft_limit_base_ucr, threshold_ucr, usd_limit_as_ucr
 from plugin.plans import credits_to_ucr
 from plugin.policy import Estimate, Refusal, decide, refusal_message, usd_text
-from plugin.settings import ThresholdPct
+from plugin.settings import ThresholdPct, decimal_text
 
 MAX_LIMIT_UCR = 10**15
 """A billion credits: past this a limit is a typo, not a limit."""
@@ -59,12 +59,9 @@ def limits_json(meterline: runtime.Meterline, profile: Profile) -> dict[str, Any
     return {
         "customer_id": profile.customer_id,
         "soft_thresholds_pct": None if limits.soft_thresholds_pct is None else list(limits.soft_thresholds_pct),
-        "effective_soft_thresholds_pct": list(limits.soft_thresholds_pct
-                                              if limits.soft_thresholds_pct is not None
-                                              else meterline.config.policies.soft_thresholds_pct),
+        "effective_soft_thresholds_pct": list(limits.thresholds(meterline.config.policies.soft_thresholds_pct)),
         "hard_limit_ucr": limits.hard_limit_ucr,
-        "hard_limit_usd": None if limits.hard_limit_usd is None else str(Decimal(limits.hard_limit_usd.numerator)
-                                                                         / limits.hard_limit_usd.denominator),
+        "hard_limit_usd": None if limits.hard_limit_usd is None else decimal_text(limits.hard_limit_usd),
         "block_overage": limits.block_overage,
         "notify_email": limits.notify_email,
         "notify_webhook_url": limits.notify_webhook_url,
@@ -363,10 +360,8 @@ def preview_answer(meterline: runtime.Meterline, profile: Profile, model: str, p
         answer |= {"reason": "max_tokens_lowered", "max_tokens": decision.max_tokens,
                    "credits_ucr": decision.reserve_ucr,
                    "cost_usd": _overage_usd(plan, snapshot.used_ucr, decision.reserve_ucr)}
-    thresholds = profile.limits.soft_thresholds_pct
-    thresholds = policies.soft_thresholds_pct if thresholds is None else thresholds
     base = soft_limit_base_ucr(plan, limit, 0)
-    upcoming = next_threshold(tuple(thresholds), base, snapshot.used_ucr)
+    upcoming = next_threshold(profile.limits.thresholds(policies.soft_thresholds_pct), base, snapshot.used_ucr)
     if upcoming is not None and snapshot.used_ucr + answer["credits_ucr"] >= threshold_ucr(base, upcoming):
         answer |= {"verdict": "soft_limit", "reason": answer["reason"] or f"soft_limit_{upcoming}pct"}
     return answer
