@@ -415,6 +415,12 @@ meterline demo: customer '{args.customer_id}' (plan {args.plan}), key saved in {
 print(c.chat.completions.create(model="demo", messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)'
 
   then: .venv/bin/meterline usage {args.customer_id}
+
+  set a spending limit (the customer's own key) and preview a request:
+  curl -X PUT {base}/meterline/v1/limits -H "Authorization: Bearer {secret}" \\
+    -H "Content-Type: application/json" -d '{{"hard_limit_ucr": 5000000, "soft_thresholds_pct": [50, 80]}}'
+  curl {base}/meterline/v1/preview -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" \\
+    -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 100}}'
 {stripe_note}""", file=out)
 
 

@@ -464,3 +464,14 @@ def test_the_global_overage_block(cli):
     assert cli("overage-block", "on")[1] == "global overage block is on: no customer is billed past its included quota\n"
     assert cli("overage-block", "status")[1].startswith("global overage block is on")
     assert cli("overage-block", "off")[0] == 0
+
+
+def test_demo_prints_snippets_that_use_the_key_it_saved(cli, tmp_path):
+    key_file = tmp_path / "demo-key"
+    code, out = cli("demo", "--key-file", str(key_file), "--port", "4111")
+    secret = key_file.read_text().strip()
+    assert code == 0 and secret.startswith("mk_")
+    assert f'curl http://127.0.0.1:4111/v1/chat/completions \\\n    -H "Authorization: Bearer {secret}"' in out
+    assert f'curl -X PUT http://127.0.0.1:4111/meterline/v1/limits -H "Authorization: Bearer {secret}" \\' in out
+    assert "/meterline/v1/preview" in out
+    assert cli("demo", "--key-file", str(key_file))[0] == 0 and key_file.read_text().strip() == secret  # reused
