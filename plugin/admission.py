@@ -4,7 +4,7 @@ ceiling before the call; the bill, soft limits and the breaker's trip after it.
 The decisions are the pure policies (plugin.policy, plugin.ratelimit, plugin.breaker,
 plugin.limits); this module fetches their inputs (customer profile, counters), applies their
 answers (refuse, clamp, reserve, trip, notify) and never imports a gateway. plugin.litellm_hooks
-turns a `Refused` into LiteLLM's error and calls `admit` / `settle` / `release` / `after_settle`.
+turns a `Refused` into LiteLLM's error and calls `admit` / `record_bill` / `release` / `after_settle`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.store import BillingRecord
 from plugin.limits import crossed_thresholds, soft_limit_base_ucr
 from plugin.notify import Notice
-from plugin.policy import Ceiling, Estimate, Refusal, ask, credits_text, interpret, refusal_message
+from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusal_message
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
 
@@ -108,8 +108,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     if not directory.knows_switch(GLOBAL_OVERAGE_BLOCK, stale_ok=True):  # first read: off the event loop
         await asyncio.to_thread(directory.switch, GLOBAL_OVERAGE_BLOCK)
     elif not directory.knows_switch(GLOBAL_OVERAGE_BLOCK):  # remembered but old: refresh in the background
-        directory_switch = directory.switch
-        _refresh(("switch", GLOBAL_OVERAGE_BLOCK), lambda: directory_switch(GLOBAL_OVERAGE_BLOCK))
+        _refresh(("switch", GLOBAL_OVERAGE_BLOCK), directory.switch, GLOBAL_OVERAGE_BLOCK)
     plan = meterline.plan_of(known)
     limit = meterline.ceiling_of(known, stale_ok=True)
     period = meterline.period(known, now)
@@ -120,9 +119,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     policies = meterline.config.policies
     estimate = None
     if limit is not None:
-        input_rate, output_rate = meterline.price_book.token_rates(model)
-        estimate = Estimate(prompt_tokens() * input_rate, output_rate,
-                            asked_max_tokens or policies.reservation_output_tokens)
+        estimate = meterline.estimate(model, prompt_tokens(), asked_max_tokens)
     account = Account(customer_id, period.start)
     try:
         granted = await asyncio.to_thread(
@@ -153,22 +150,28 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
     """An open (or half-open) breaker: refuse, or let the trickle through; store what changed."""
-    config = meterline.breaker_config
     try:
         this_hour, previous_hour = await asyncio.to_thread(meterline.counters.hour_spend, known.customer_id, now)
     except CounterError as error:  # without the spend figures it stays as it is: open
         await counters_down(meterline, error)
         raise Refused(402, Refusal.CIRCUIT_OPEN, breaker_message(known.breaker)) from None
-    window = breaker.window_spend_ucr(this_hour, previous_hour, int(now.timestamp()) % 3600)
-    threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
-    decision = breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now,
-                                  config=config)
+    decision = await _breaker_decision(meterline, known, this_hour, previous_hour, now)
     if decision.state != known.breaker:
         await asyncio.to_thread(accounts.save_breaker, meterline.engine, known.customer_id, decision.state,
                                 decision.transition)
         meterline.directory.remember_breaker(known.customer_id, decision.state)
     if not decision.admit:
         raise Refused(402, Refusal.CIRCUIT_OPEN, breaker_message(known.breaker), retry_after=decision.retry_after)
+
+
+async def _breaker_decision(meterline: Meterline, known: Profile, this_hour_ucr: int, previous_hour_ucr: int,
+                            now: datetime) -> breaker.BreakerDecision:
+    """The breaker's answer from the hour buckets and the customer's baseline (read from the ledger,
+    remembered for a while)."""
+    config = meterline.breaker_config
+    window = breaker.window_spend_ucr(this_hour_ucr, previous_hour_ucr, int(now.timestamp()) % 3600)
+    threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
+    return breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now, config=config)
 
 
 def breaker_message(state: breaker.BreakerState) -> str:
@@ -284,9 +287,7 @@ async def _maybe_trip(meterline: Meterline, known: Profile, settled: Settled, no
     window = breaker.window_spend_ucr(settled.hour_ucr, settled.previous_hour_ucr, int(now.timestamp()) % 3600)
     if window <= breaker.threshold_ucr(config.floor_ucr_per_hour, config):
         return  # under K x the floor: no need to know the customer's baseline
-    threshold = breaker.threshold_ucr(await meterline.baselines.typical_hourly(known, now), config)
-    decision = breaker.on_request(known.breaker, window_spend_ucr=window, threshold=threshold, now=now,
-                                  config=config)
+    decision = await _breaker_decision(meterline, known, settled.hour_ucr, settled.previous_hour_ucr, now)
     if decision.transition is None:
         return
     stored = await asyncio.to_thread(accounts.save_breaker, meterline.engine, known.customer_id, decision.state,

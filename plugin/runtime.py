@@ -34,7 +34,7 @@ from plugin.counters.base import CounterStore
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
 from plugin.plans import Period, anchored_month, calendar_month, credits_to_ucr
-from plugin.policy import Ceiling
+from plugin.policy import Ceiling, Estimate
 from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
 from plugin.sinks.base import Sink
 from plugin.sinks.stripe import StripeConfig, StripeSink
@@ -216,6 +216,13 @@ class Meterline:
         `stale_ok`: the request path, which refreshes the global switch in the background."""
         block = self.directory.switch(GLOBAL_OVERAGE_BLOCK, stale_ok=stale_ok)
         return effective_ceiling(self.plan_of(customer), customer.limits, global_overage_block=block)
+
+    def estimate(self, model: str, prompt_tokens: int, max_tokens: int | None) -> Estimate:
+        """A request's worst case before it runs: the prompt as fresh input, and `max_tokens` of output
+        (policies.reservation_output_tokens when it sets none)."""
+        input_rate, output_rate = self.price_book.token_rates(model)
+        return Estimate(prompt_tokens * input_rate, output_rate,
+                        max_tokens or self.config.policies.reservation_output_tokens)
 
     def count_prompt_tokens(self, model: str, messages: list) -> int:
         """Prompt tokens of a chat request, for previews."""

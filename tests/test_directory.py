@@ -72,7 +72,7 @@ def test_a_stale_profile_is_still_at_hand_until_it_is_reloaded(tmp_path):
     store.add_customer(engine, "acme", "free")
     clock = Clock()
     directory = Directory(engine, ttl=5.0, clock=clock)
-    assert directory.profile_of("acme").plan == "free"
+    assert directory.reload_profile("acme").plan == "free"
     accounts.set_terms(engine, "acme", plan="pro")
     clock.now += 6
     assert directory.cached_profile("acme") is None

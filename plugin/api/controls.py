@@ -28,7 +28,7 @@ from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.store import StoreError, as_utc
 from plugin.limits import next_threshold, soft_limit_base_ucr, threshold_ucr, usd_limit_as_ucr
 from plugin.plans import credits_to_ucr
-from plugin.policy import Estimate, Refusal, decide, refusal_message, usd_text
+from plugin.policy import Refusal, decide, refusal_message, usd_text
 from plugin.settings import ThresholdPct, decimal_text
 
 MAX_LIMIT_UCR = 10**15
@@ -338,8 +338,7 @@ def preview_answer(meterline: runtime.Meterline, profile: Profile, model: str, p
     plan = meterline.plan_of(profile)
     period = meterline.period(profile, now)
     limit = meterline.ceiling_of(profile)
-    input_rate, output_rate = meterline.price_book.token_rates(model)
-    estimate = Estimate(prompt_tokens * input_rate, output_rate, max_tokens or policies.reservation_output_tokens)
+    estimate = meterline.estimate(model, prompt_tokens, max_tokens)
     credits = estimate.cost(estimate.max_tokens)
     snapshot = meterline.counters.snapshot(Account(profile.customer_id, period.start), now)
     decision = decide(estimate, used_ucr=snapshot.used_ucr, reserved_ucr=snapshot.reserved_ucr, limit=limit,

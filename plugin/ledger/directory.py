@@ -69,16 +69,10 @@ class Directory:
             return None
         return entry[0] if stale_ok or self._clock() < entry[1] else None
 
-    def profile_of(self, customer_id: str) -> Profile | None:
-        """Plan, terms, limits and breaker, remembered for `ttl` seconds like keys: a change made in
-        another process applies here within that time (changes made here apply at once: `forget`)."""
-        profile = self.cached_profile(customer_id)
-        if profile is not None:
-            return profile
-        return self.reload_profile(customer_id)
-
     def reload_profile(self, customer_id: str) -> Profile | None:
-        """Read the profile from the database and remember it."""
+        """Read the customer's plan, terms, limits and breaker from the database and remember them for
+        `ttl` seconds: a change made in another process applies here within that time (changes made
+        here apply at once: `forget`)."""
         profile = accounts.load_profile(self._engine, customer_id)
         if profile is None:
             return None
