@@ -29,6 +29,7 @@ from plugin.notify import Notice
 from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusal_message
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
+from plugin.slices import Hold
 
 log = logging.getLogger("meterline")
 
@@ -50,8 +51,8 @@ class Admitted:
     customer_id: str
     period_start: datetime
     cap_ucr: int | None
-    reserved: bool
-    """A reservation was made (release it if the request fails)."""
+    hold: Hold | None
+    """What the request holds in the counter store (release it if the request fails); None: nothing."""
     max_tokens: int | None = None
     """Lowered `max_tokens` (clamped to what the customer can still afford); None = as asked."""
     metered: bool = True
@@ -101,7 +102,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     now = meterline.clock()
     known = await profile(meterline, customer_id)
     if known is None:  # an anonymous (or unknown) customer: no plan, nothing to enforce
-        return Admitted(customer_id, meterline.period(None, now).start, None, False)
+        return Admitted(customer_id, meterline.period(None, now).start, None, None)
     if known.breaker.status is not BreakerStatus.CLOSED:
         await _through_breaker(meterline, known, now)
     directory = meterline.directory
@@ -113,39 +114,42 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     limit = meterline.ceiling_of(known, stale_ok=True)
     period = meterline.period(known, now)
     rate = None if plan.requests_per_minute is None else RateLimit(plan.requests_per_minute)
-    unreserved = Admitted(customer_id, period.start, None, False, metered=plan.metered)
+    unreserved = Admitted(customer_id, period.start, None, None, metered=plan.metered)
     if limit is None and rate is None:
         return unreserved
     policies = meterline.config.policies
-    estimate = None
-    if limit is not None:
-        estimate = meterline.estimate(model, prompt_tokens(), asked_max_tokens)
+    estimate = None if limit is None else meterline.estimate(model, prompt_tokens(), asked_max_tokens)
+    request = None if estimate is None else ask(estimate, policies.min_output_tokens)
     account = Account(customer_id, period.start)
     try:
-        granted = await asyncio.to_thread(
-            meterline.counters.reserve, account, request_id,
-            None if estimate is None else ask(estimate, policies.min_output_tokens),
-            cap_ucr=None if limit is None else limit.ucr,
-            expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now, rate=rate,
-        )
+        if rate is None:  # a ceiling only: admitted from this process's budget slice when it can (plugin.slices)
+            taken = await meterline.slices.take(account, request_id, request, cap_ucr=limit.ucr, now=now)
+            hold, available, counted = taken.hold, taken.available_ucr, None
+        else:  # every request is counted against the rate limit: one counter-store call each
+            counted = await asyncio.to_thread(
+                meterline.counters.reserve, account, request_id, request, cap_ucr=None if limit is None else limit.ucr,
+                expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now, rate=rate,
+            )
+            hold = None if counted.granted_ucr is None else Hold(request_id, counted.granted_ucr, shared=False)
+            available = counted.available_ucr
     except CounterError as error:
         await counters_down(meterline, error)
         if meterline.settings.fail_mode == "open":
             return unreserved
         raise Refused(503, "billing_unavailable", "Spending limits cannot be checked right now, so the request was "
                       "not sent. Try again shortly.") from None
-    if granted.rate_limited:
-        verdict = rate_decide(rate, int(now.timestamp() * 1000), granted.rate_current, granted.rate_previous)
+    if counted is not None and counted.rate_limited:
+        verdict = rate_decide(rate, int(now.timestamp() * 1000), counted.rate_current, counted.rate_previous)
         wait = max(1, -(-verdict.retry_after_ms // 1000))
         raise Refused(429, Refusal.RATE_LIMITED, f"You've sent more than {rate.requests} requests in the last "
                       f"minute, the limit of your {known.plan} plan. Retry in {wait} s.", retry_after=wait)
     if estimate is None:
         return unreserved
-    decision = interpret(estimate, granted.granted_ucr, available_ucr=granted.available_ucr, limit=limit)
+    decision = interpret(estimate, None if hold is None else hold.ucr, available_ucr=available, limit=limit)
     if not decision.admit:
         raise Refused(402, decision.reason, refusal_message(decision.reason, limit, known.plan, period.end,
                                                             detail=policies.refusal_detail))
-    return Admitted(customer_id, period.start, limit.ucr, True, decision.max_tokens, metered=plan.metered)
+    return Admitted(customer_id, period.start, limit.ucr, hold, decision.max_tokens, metered=plan.metered)
 
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
@@ -226,27 +230,50 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     if not admitted.metered:
         record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
-    actual, now = record.entry.credits_ucr, meterline.clock()
+    actual, now, hold = record.entry.credits_ucr, meterline.clock(), admitted.hold
+    reservation = record.entry.id if hold is None else hold.reservation_id
+    # A shared slice: the store takes this request's part only, at most what it holds (an overshoot is
+    # billed from what is free, like any request's), so the slice's room stays exactly what is left of it.
+    portion = min(actual, hold.ucr) if hold is not None and hold.shared else None
     in_ledger = meterline.counters_in_ledger
     if in_ledger is not None:
         outcome: list[Settled] = []
 
         def settle_with_ledger(connection, pending: BillingRecord) -> BillingRecord:
-            settled = in_ledger.settle_on(connection, account, pending.entry.id, actual, cap_ucr=admitted.cap_ucr,
-                                          now=now)
+            settled = in_ledger.settle_on(connection, account, reservation, actual, cap_ucr=admitted.cap_ucr,
+                                          now=now, portion_ucr=portion)
             outcome.append(settled)
             return within(pending, settled)
 
         written = await meterline.writer.write(record, settle_with_ledger)
+        _ended(meterline, admitted, record.entry.id, actual)
         return written, (outcome[0] if outcome else None)
     try:
-        settled = await asyncio.to_thread(meterline.counters.settle, account, record.entry.id, actual,
-                                          cap_ucr=admitted.cap_ucr, now=now)
+        settled = await asyncio.to_thread(meterline.counters.settle, account, reservation, actual,
+                                          cap_ucr=admitted.cap_ucr, now=now, portion_ucr=portion)
     except CounterError as error:
         await counters_down(meterline, error)
         settled = None
+    _ended(meterline, admitted, record.entry.id, actual)  # settled (or not) in Redis, whatever the ledger write does
     written = await meterline.writer.write(record if settled is None else within(record, settled))
     return written, settled
+
+
+def _ended(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr: int) -> None:
+    """A request of a shared budget slice is done with it, having cost `actual_ucr` (0: it failed). A
+    second call for the same request changes nothing."""
+    hold = admitted.hold
+    if hold is not None and hold.shared:
+        meterline.slices.end(hold, request_id, min(actual_ucr, hold.ucr))
+
+
+def remaining_ucr(meterline: Meterline, admitted: Admitted, settled: Settled) -> int | None:
+    """µcr the customer can still spend after this call (None: no ceiling). What this process holds in
+    its budget slice is counted as reserved in the store but is still the customer's to spend."""
+    if admitted.cap_ucr is None:
+        return None
+    spare = meterline.slices.room(Account(admitted.customer_id, admitted.period_start))
+    return max(0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr + spare)
 
 
 def within(record: BillingRecord, settled: Settled) -> BillingRecord:
@@ -261,11 +288,18 @@ def within(record: BillingRecord, settled: Settled) -> BillingRecord:
 
 
 async def release(meterline: Meterline, admitted: Admitted, request_id: str) -> None:
+    """The request failed: what it held is free again (its share of a slice goes back to the slice)."""
+    hold = admitted.hold
+    if hold is None:
+        return
+    if hold.shared:
+        _ended(meterline, admitted, request_id, 0)
+        return
     try:
         await asyncio.to_thread(meterline.counters.release, Account(admitted.customer_id, admitted.period_start),
-                                request_id)
+                                hold.reservation_id)
     except CounterError as error:  # it expires by itself after policies.reservation_seconds
-        log.warning("meterline: could not release %s: %s", request_id, error)
+        log.warning("meterline: could not release %s: %s", hold.reservation_id, error)
 
 
 async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settled) -> None:

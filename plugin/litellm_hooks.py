@@ -34,6 +34,7 @@ from plugin.identity import (
 )
 from plugin.metering import FinishedCall, bill
 from plugin.pricing import Usage
+from plugin.slices import Hold
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
 
 log = logging.getLogger("meterline")
@@ -140,7 +141,7 @@ class MeterlineLogger(CustomLogger):
                                            traceback_str=None):
         """The request failed for good (after retries and fallbacks): free its reservation."""
         state = _state(request_data)
-        if state is not None and state.get("admitted", {}).get("reserved"):
+        if state is not None and state.get("admitted", {}).get("hold"):
             await _release(_meterline(), state)
         return None
 
@@ -183,7 +184,7 @@ class MeterlineLogger(CustomLogger):
                 usage = _counted_usage(request_data, "".join(delivered))
                 hidden = {**_hidden_params(held), **wrapper_hidden}
                 _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
-            elif state.get("admitted", {}).get("reserved"):
+            elif state.get("admitted", {}).get("hold"):
                 _background(_release(_meterline(), state))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
@@ -248,7 +249,7 @@ async def _settle(
             written, settled = await admission.record_bill(meterline, admitted, record)
     except Exception as exc:
         log.error("meterline: could not record ledger row %s: %s", call.ledger_id, exc.__class__.__name__)
-        if admitted is not None and admitted.reserved:
+        if admitted is not None and admitted.hold is not None:
             _background(_release(meterline, state))
         raise _refuse(
             "billing_unavailable",
@@ -256,10 +257,9 @@ async def _settle(
             503,
         ) from None
     if admitted is not None:
-        state["admitted"]["reserved"] = False
+        state["admitted"]["hold"] = None
         if settled is not None:
-            state["remaining"] = None if admitted.cap_ucr is None else max(
-                0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr)
+            state["remaining"] = admission.remaining_ucr(meterline, admitted, settled)
             _background(admission.after_settle(meterline, admitted, settled))
     state["credits_ucr"] = written.entry.credits_ucr
 
@@ -281,19 +281,23 @@ async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> Non
     if admitted.max_tokens is not None:
         for key in [key for key in MAX_TOKENS_KEYS if key in data] or ["max_tokens"]:
             data[key] = admitted.max_tokens
+    hold = admitted.hold
     state["admitted"] = {"period": admitted.period_start.isoformat(), "cap": admitted.cap_ucr,
-                         "reserved": admitted.reserved, "metered": admitted.metered}
+                         "hold": None if hold is None else [hold.reservation_id, hold.ucr, hold.shared],
+                         "metered": admitted.metered}
 
 
 def _admitted(state: dict) -> admission.Admitted:
+    """The admission as saved in the request's metadata (plain values: LiteLLM may copy it)."""
     saved = state["admitted"]
+    hold = None if not saved["hold"] else Hold(*saved["hold"])
     return admission.Admitted(state["customer"], datetime.fromisoformat(saved["period"]), saved["cap"],
-                              saved["reserved"], metered=saved["metered"])
+                              hold, metered=saved["metered"])
 
 
 async def _release(meterline: runtime.Meterline, state: dict) -> None:
     admitted = _admitted(state)
-    state["admitted"]["reserved"] = False
+    state["admitted"]["hold"] = None
     await admission.release(meterline, admitted, state["ledger_id"])
 
 

@@ -79,13 +79,22 @@ class Estimate:
         return ceil(self.prompt_ucr + output_tokens * self.ucr_per_output_token)
 
 
+SPARE_SHARE = 4
+"""A spare (budget held for a process's next requests) never takes more than 1/SPARE_SHARE of what
+is left under the ceiling: near the ceiling processes stop holding budget for later and reserve
+per request, so no process hoards what another one needs."""
+
+
 @dataclass(frozen=True)
 class Ask:
     """What a request asks a customer's counters for: its full worst case, or at least `minimum_ucr`
-    (the worst case with the useful minimum of output) if the full amount no longer fits."""
+    (the worst case with the useful minimum of output) if the full amount no longer fits.
+    `spare_ucr`: budget to hold besides, for the next requests of the same process (plugin.slices),
+    given only while plenty is left."""
 
     full_ucr: int
     minimum_ucr: int
+    spare_ucr: int = 0
 
 
 def ask(estimate: Estimate, min_output_tokens: int = 16) -> Ask:
@@ -94,17 +103,19 @@ def ask(estimate: Estimate, min_output_tokens: int = 16) -> Ask:
 
 def grant(request: Ask, *, used_ucr: int, reserved_ucr: int, limit: Ceiling | None) -> int | None:
     """The reference of the one atomic step a counter store performs (SQL transaction, Redis Lua):
-    how many µcr to reserve, or None to refuse. The full ask if it fits under the ceiling, else
-    everything that is left if that covers the minimum.
+    how many µcr to reserve, or None to refuse. The full ask if it fits under the ceiling, plus as
+    much of the spare as keeps the whole grant within 1/SPARE_SHARE of what is left (none if that is
+    less than one more full ask); else everything that is left if that covers the minimum.
 
-    Only additions and comparisons of integers, so both backends compute exactly this; the
-    backend test-suite checks them against it.
+    Only additions, comparisons and one floor division of integers, so both backends compute
+    exactly this; the backend test-suite checks them against it.
     """
     if limit is None:
-        return request.full_ucr
+        return request.full_ucr + request.spare_ucr
     available = limit.ucr - used_ucr - reserved_ucr
     if request.full_ucr <= available:
-        return request.full_ucr
+        spare = min(request.spare_ucr, available // SPARE_SHARE - request.full_ucr)
+        return request.full_ucr + (spare if spare >= request.full_ucr else 0)
     if request.minimum_ucr <= available and available > 0:
         return available
     return None

@@ -28,6 +28,7 @@ from plugin.ledger.store import billed_between, make_engine
 from plugin.limits import effective_ceiling
 from plugin.notify import Notice, Notifier, SmtpConfig
 from plugin.ledger.writer import LedgerWriter
+from plugin.slice_book import SliceBook
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.outbox.retry import RetryPolicy
 from plugin.counters.base import CounterStore
@@ -153,6 +154,13 @@ class Meterline:
                 self.settings.redis_url, lambda customer, start, end: billed_between(engine, customer, start, end))
         return SqlCounterStore(self.engine)
 
+    @cached_property
+    def slices(self) -> SliceBook:
+        """This process's budget slices of capped customers (plugin/slices.py)."""
+        policies = self.config.policies
+        return SliceBook(self.counters, requests=policies.slice_requests, seconds=policies.slice_seconds,
+                         reservation_seconds=policies.reservation_seconds)
+
     @property
     def counters_in_ledger(self) -> SqlCounterStore | None:
         """The embedded counter store, which settles inside the ledger writer's transaction; None with Redis."""
@@ -258,12 +266,15 @@ class Meterline:
             self._relay_thread.start()
 
     def close(self) -> None:
-        """Stop the relay, drain the writer, release database connections (what never started is skipped)."""
+        """Stop the relay, drain the writer, give back budget slices, release database connections (what
+        never started is skipped)."""
         if self._relay_thread is not None:
             self._relay_thread.stop()
             self._relay_thread = None
         if "writer" in self.__dict__:
             self.writer.close()
+        if "slices" in self.__dict__:  # after the writer: its last settlements take from them
+            self.slices.close()
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None

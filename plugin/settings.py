@@ -205,6 +205,12 @@ class PoliciesConfig(_Strict):
     """Below this many affordable output tokens a capped request is refused rather than clamped."""
     reservation_seconds: int = Field(default=900, ge=10, le=86_400)
     """How long a reservation holds if its request never settles (a crashed proxy)."""
+    slice_requests: int = Field(default=32, ge=1, le=10_000)
+    """A proxy process reserves budget for this many of a capped customer's requests at once and
+    admits them from memory (plugin/slices.py); 1 reserves per request. Never more than a quarter
+    of what the customer has left, so near the ceiling every request reserves for itself."""
+    slice_seconds: float = Field(default=2.0, gt=0, le=60)
+    """How long a budget slice admits requests before what is left of it is given back."""
     refusal_detail: Literal["full", "minimal"] = "full"
     """Whether a 402 message may show amounts (`minimal` for apps that pass it to end users)."""
     soft_thresholds_pct: tuple[ThresholdPct, ...] = Field(default=(80,), max_length=10)

@@ -5,6 +5,7 @@ again; soft limits fire once per period. Runs with the counters in SQLite and in
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from sqlalchemy import update
 
 from plugin import admission
 from plugin.admission import Refused
+from plugin.counters.base import Account, Settled, Snapshot
 from plugin.ledger import accounts, store
 from plugin.ledger.models import Customer
 from plugin.ledger.store import BillingRecord, LedgerRow
@@ -158,3 +160,95 @@ async def test_without_quota_or_limit_soft_limits_measure_against_typical_spend(
     await one_call(meterline, "payg-customer", 4, credits=100)  # 668: past 576
     [alert] = store.list_alerts(meterline.engine, "soft_limit")
     assert alert.message.startswith("payg-customer has used 668 credits this period, 80% of 720.")
+
+
+def capped_customer(meterline: Meterline, customer_id: str, hard_limit_credits: int) -> int:
+    """A pro customer with a hard limit; returns the worst case (µcr) of one request with no max_tokens."""
+    store.add_customer(meterline.engine, customer_id, "pro")
+    accounts.put_limits(meterline.engine, customer_id, {"hard_limit_ucr": hard_limit_credits * M}, by="test")
+    return meterline.estimate("m", 0, None).cost(meterline.config.policies.reservation_output_tokens)
+
+
+def counting_reservations(meterline: Meterline) -> list[str]:
+    """Record each counter-store reservation (the real store still makes it)."""
+    made: list[str] = []
+    store_reserve = meterline.counters.reserve
+
+    def reserve(account, reservation_id, *args, **kwargs):
+        made.append(reservation_id)
+        return store_reserve(account, reservation_id, *args, **kwargs)
+
+    meterline.counters.reserve = reserve
+    return made
+
+
+async def test_a_capped_customer_is_admitted_from_a_budget_slice_with_one_reservation(meterline):
+    full = capped_customer(meterline, "capped", hard_limit_credits=1_000_000)
+    made = counting_reservations(meterline)
+    for n in range(40):
+        await one_call(meterline, "capped", n, credits=1)
+    assert len(made) == 1 and made[0].startswith("slice_")
+    account = Account("capped", datetime(2026, 11, 1, tzinfo=UTC))
+    room = meterline.slices.room(account)
+    assert room == 32 * full - 40 * M  # room for 32 worst cases, less what the 40 requests really cost
+    assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(40 * M, room)
+    assert store.billed_between(meterline.engine, "capped", account.period, None) == 40 * M
+    # The store counts the slice as reserved; what the customer can still spend does not.
+    admitted = await admission.admit(meterline, "capped", "capped-x", model="m", asked_max_tokens=None,
+                                     prompt_tokens=lambda: 0)
+    assert meterline.slices.room(account) == room - full
+    settled = Settled(0, 40 * M, room, 0, 0)
+    assert admission.remaining_ucr(meterline, admitted, settled) == 1_000_000 * M - 40 * M - full
+    await admission.release(meterline, admitted, "capped-x")
+    await admission.release(meterline, admitted, "capped-x")  # twice: no harm
+    assert meterline.slices.room(account) == room
+
+    # Two seconds on the slice stops admitting: the next request leases a new one, the old one is given back.
+    meterline.clock.now += timedelta(seconds=2)
+    await one_call(meterline, "capped", 40, credits=1)
+    assert len(made) == 2
+    expected = Snapshot(41 * M, 32 * full - M)
+    for _ in range(100):
+        if meterline.counters.snapshot(account, meterline.clock()) == expected:
+            break
+        await asyncio.sleep(0.02)
+    assert meterline.counters.snapshot(account, meterline.clock()) == expected
+    meterline.slices.close()  # the process stops: what it held is free again
+    assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(41 * M, 0)
+
+
+async def test_a_changed_limit_retires_the_slice_at_once(meterline):
+    capped_customer(meterline, "changing", hard_limit_credits=1_000_000)
+    made = counting_reservations(meterline)
+    await one_call(meterline, "changing", 0, credits=1)
+    accounts.put_limits(meterline.engine, "changing", {"hard_limit_ucr": 500_000 * M}, by="test")
+    meterline.directory.forget("changing")
+    await one_call(meterline, "changing", 1, credits=1)
+    assert len(made) == 2 and all(made_id.startswith("slice_") for made_id in made)
+
+
+async def test_near_the_ceiling_requests_reserve_for_themselves_and_the_cap_holds(meterline):
+    """A limit of six worst cases: a quarter of it cannot hold a spare, so no slice is leased; 20
+    concurrent requests that each cost almost their worst case are never billed past it."""
+    full = capped_customer(meterline, "tight", hard_limit_credits=1)
+    accounts.put_limits(meterline.engine, "tight", {"hard_limit_ucr": 6 * full}, by="test")
+    made = counting_reservations(meterline)
+
+    async def call(n: int) -> int:
+        admitted = await admission.admit(meterline, "tight", f"tight-{n}", model="m", asked_max_tokens=None,
+                                         prompt_tokens=lambda: 0)
+        await asyncio.sleep(0.01)  # the provider
+        record = BillingRecord(LedgerRow(id=f"tight-{n}", customer_id="tight", model="m", credits_ucr=4 * M,
+                                         created_at=meterline.clock()))
+        written, _ = await admission.record_bill(meterline, admitted, record)
+        return written.entry.credits_ucr
+
+    outcomes = await asyncio.gather(*(call(n) for n in range(20)), return_exceptions=True)
+    billed = [outcome for outcome in outcomes if isinstance(outcome, int)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, Refused)]
+    assert len(billed) + len(refused) == 20 and len(billed) >= 6
+    assert {refusal.reason for refusal in refused} == {"hard_limit_reached"}
+    account = Account("tight", datetime(2026, 11, 1, tzinfo=UTC))
+    assert sum(billed) == store.billed_between(meterline.engine, "tight", account.period, None) <= 6 * full
+    assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(sum(billed), 0)
+    assert made[0].startswith("slice_") and not any(made_id.startswith("slice_") for made_id in made[1:])

@@ -144,16 +144,31 @@ def test_a_flushed_redis_starts_again_from_the_ledger(redis_url, tmp_path):
 
 
 def test_every_backend_computes_what_the_policy_says(counters):
-    """A long random sequence of reserve / settle / release, compared step by step with the pure policy."""
+    """A long random sequence of reserve (with and without a spare) / settle (whole, or a portion of a
+    shared slice) / release, compared step by step with the pure policy."""
     rng = random.Random(4)
     limit = Ceiling(100_000, Refusal.HARD_LIMIT)
     used = reserved = 0
     held: dict[str, int] = {}
-    for step in range(150):
+    for step in range(200):
         if held and rng.random() < 0.45:
             reservation = rng.choice(sorted(held))
-            amount = held.pop(reservation)
-            if rng.random() < 0.8:
+            amount = held[reservation]
+            choice = rng.random()
+            if choice < 0.3:  # one request of a shared slice settles: a portion, the rest stays held
+                actual = rng.randint(0, amount + 2000)
+                portion = rng.randint(0, amount + 2000)
+                taken = min(portion, amount)
+                expected = settle(actual, reserved_for_this_ucr=taken, used_ucr=used, reserved_ucr=reserved,
+                                  limit=limit)
+                got = counters.settle(ACME, reservation, actual, cap_ucr=limit.ucr, now=NOW, portion_ucr=portion)
+                assert (got.billed_ucr, got.reserved_ucr) == (expected.bill_ucr, reserved - taken), step
+                used += expected.bill_ucr
+                reserved -= taken
+                held[reservation] -= taken
+                continue
+            del held[reservation]
+            if choice < 0.85:
                 actual = max(0, amount + rng.randint(-5000, 3000))
                 expected = settle(actual, reserved_for_this_ucr=amount, used_ucr=used, reserved_ucr=reserved,
                                   limit=limit).bill_ucr
@@ -163,7 +178,8 @@ def test_every_backend_computes_what_the_policy_says(counters):
                 counters.release(ACME, reservation)
             reserved -= amount
         else:
-            ask = Ask(full := rng.randint(1, 30_000), rng.randint(1, full))
+            full = rng.randint(1, 30_000)
+            ask = Ask(full, rng.randint(1, full), spare_ucr=rng.choice([0, rng.randint(0, 40_000)]))
             expected = grant(ask, used_ucr=used, reserved_ucr=reserved, limit=limit)
             got = counters.reserve(ACME, f"r{step}", ask, cap_ucr=limit.ucr, expires_at=LATER, now=NOW)
             assert got.granted_ucr == expected, step
@@ -171,6 +187,21 @@ def test_every_backend_computes_what_the_policy_says(counters):
                 held[f"r{step}"] = expected
                 reserved += expected
         assert counters.snapshot(ACME, NOW) == Snapshot(used, reserved)
+
+
+def test_a_shared_slice_settles_portions_and_is_released_whole(counters):
+    lease = counters.reserve(ACME, "slice", Ask(1000, 100, spare_ucr=9000), cap_ucr=1_000_000, expires_at=LATER,
+                             now=NOW)
+    assert lease.granted_ucr == 10_000
+    first = counters.settle(ACME, "slice", 700, cap_ucr=1_000_000, now=NOW, portion_ucr=700)
+    assert (first.billed_ucr, first.used_ucr, first.reserved_ucr) == (700, 700, 9300)
+    over = counters.settle(ACME, "slice", 1200, cap_ucr=1_000_000, now=NOW, portion_ucr=1200)
+    assert (over.billed_ucr, over.reserved_ucr) == (1200, 8100)
+    assert counters.snapshot(ACME, NOW) == Snapshot(1900, 8100)
+    counters.release(ACME, "slice")
+    assert counters.snapshot(ACME, NOW) == Snapshot(1900, 0)
+    late = counters.settle(ACME, "slice", 300, cap_ucr=1_000_000, now=NOW, portion_ucr=300)
+    assert (late.billed_ucr, late.reserved_ucr) == (300, 0)  # released already: billed from what is free
 
 
 def test_concurrent_reservations_never_overspend(counters):

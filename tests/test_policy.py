@@ -69,6 +69,32 @@ def test_grant_is_the_full_ask_or_all_that_is_left_above_the_minimum(used, reser
     assert grant(Ask(3000, 1000), used_ucr=used, reserved_ucr=reserved, limit=None) == 3000
 
 
+@pytest.mark.parametrize(("used", "granted"), [
+    (0, 3000 + 9000),      # plenty left (10,000 000): the whole spare
+    (9_950_000, 3000 + 9000),  # 50,000 left: a quarter is 12,500, the whole grant still fits in it
+    (9_964_000, 3000 + 6000),  # 36,000 left: a quarter is 9,000, so 6,000 of spare
+    (9_980_000, 3000),     # 20,000 left: a quarter is 5,000, room for less than one more request
+    (9_998_000, 2000),     # less than the full ask left: what is left, no spare
+])
+def test_a_spare_is_given_only_from_a_quarter_of_what_is_left(used, granted):
+    limit = Ceiling(10_000_000, Refusal.HARD_LIMIT)
+    assert grant(Ask(3000, 1000, spare_ucr=9000), used_ucr=used, reserved_ucr=0, limit=limit) == granted
+    assert grant(Ask(3000, 1000, spare_ucr=9000), used_ucr=used, reserved_ucr=0, limit=None) == 12_000
+
+
+@given(used=st.integers(0, 10**7), reserved=st.integers(0, 10**7), full=st.integers(1, 10**6),
+       spare=st.integers(0, 10**7))
+def test_a_spare_never_takes_more_than_a_quarter_of_what_is_left(used, reserved, full, spare):
+    limit = Ceiling(10**7, Refusal.HARD_LIMIT)
+    granted = grant(Ask(full, 1, spare_ucr=spare), used_ucr=used, reserved_ucr=reserved, limit=limit)
+    without = grant(Ask(full, 1), used_ucr=used, reserved_ucr=reserved, limit=limit)
+    if granted is None or granted <= full:
+        assert granted == without  # no spare: exactly the per-request answer
+    else:
+        available = limit.ucr - used - reserved
+        assert full * 2 <= granted <= min(full + spare, available // 4)
+
+
 def test_ask_prices_the_full_request_and_the_useful_minimum():
     assert ask(REQUEST, min_output_tokens=16) == Ask(3000, 1064)
     assert ask(Estimate(Fraction(10), Fraction(1), max_tokens=5), min_output_tokens=16) == Ask(15, 15)

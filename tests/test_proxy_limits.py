@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from plugin.counters.base import Account, Snapshot
-from plugin.ledger import store
+from plugin.ledger import accounts, store
 from plugin.ledger.store import make_engine
 from plugin.plans import calendar_month
 
@@ -59,6 +59,37 @@ async def test_500_concurrent_requests_never_bill_past_a_free_cap(capped_proxy):
     counters = metered.counters()
     account = Account("capped-free", calendar_month(datetime.now(UTC)).start)
     assert counters.snapshot(account, datetime.now(UTC)) == Snapshot(billed, 0)
+
+
+async def test_a_capped_customer_far_from_its_limit_is_admitted_from_budget_slices(capped_proxy):
+    """200 concurrent requests under a limit far above them: every one admitted and in the ledger, the
+    counters agree with it, each answer's remaining headroom is the limit less what was billed before
+    it and what other requests still held, and the budget slices are given back within seconds."""
+    import time
+
+    metered = capped_proxy
+    tenant = metered.tenant("sliced", plan="pro")
+    limit = 100_000 * M
+    accounts.put_limits(metered.engine, "sliced", {"hard_limit_ucr": limit}, by="test")
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+    body = {"model": "test-model", "messages": [{"role": "user", "content": "[[c=20]] hello"}], "max_tokens": 100}
+    limits = httpx.Limits(max_connections=50, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=metered.proxy.base_url, timeout=120, limits=limits) as client:
+        answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body, headers=headers)
+                                         for _ in range(200)))
+    assert [answer.status_code for answer in answers] == [200] * 200
+    billed = sum(row.credits_ucr for row in metered.ledger("sliced"))
+    assert len(metered.ledger("sliced")) == 200 and billed == sum(int(a.headers["x-meterline-credits"]) for a in answers)
+    worst_case = 100 * 4 * M // 1000 + 1 * M  # 100 output tokens at weight 4, and the prompt
+    for answer in answers:
+        remaining = int(answer.headers["x-meterline-remaining"])
+        assert limit - billed - 50 * worst_case <= remaining <= limit - int(answer.headers["x-meterline-credits"])
+    account = Account("sliced", calendar_month(datetime.now(UTC)).start)
+    for _ in range(100):  # slices stop admitting after 2 s and are then given back
+        if metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(billed, 0):
+            break
+        time.sleep(0.1)
+    assert metered.counters().snapshot(account, datetime.now(UTC)) == Snapshot(billed, 0)
 
 
 def test_customers_without_a_ceiling_reserve_nothing_but_are_counted(metered):

@@ -77,14 +77,17 @@ class CounterStore(Protocol):
         ...
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime) -> Settled:
+               now: datetime, portion_ucr: int | None = None) -> Settled:
         """Atomically: end the reservation, add what is billed (per `policy.settle`) to used and to
         the customer's spend in the current hour. An unknown reservation (expired, never made)
-        bills as if it had reserved nothing."""
+        bills as if it had reserved nothing.
+
+        `portion_ucr`: the reservation is a slice several requests share (plugin.slices): take at
+        most this much of it for the bill and keep the rest held, instead of ending it."""
         ...
 
     def release(self, account: Account, reservation_id: str) -> None:
-        """End a reservation without billing (the request failed)."""
+        """End a reservation without billing (the request failed, or a slice is given back)."""
         ...
 
     def snapshot(self, account: Account, now: datetime) -> Snapshot:

@@ -116,25 +116,22 @@ class RedisCounterStore:
         keys = account_keys(account).all() + rate_keys(account.customer_id, window)
         args = [reservation_id, "" if ask is None else ask.full_ucr, 0 if ask is None else ask.minimum_ucr,
                 _optional(cap_ucr), _ms(expires_at), now_ms, int(KEEP_KEYS.total_seconds()),
-                "" if rate is None else rate.requests, 0 if rate is None else rate.window_ms]
+                "" if rate is None else rate.requests, 0 if rate is None else rate.window_ms,
+                0 if ask is None else ask.spare_ucr]
         granted, available, verdict, current, previous = self._call(self._reserve, account, keys, args,
                                                                     hour_index(now))
         return Grant(None if granted < 0 else int(granted), None if cap_ucr is None else int(available),
                      rate_limited=verdict == 0, rate_current=int(current), rate_previous=int(previous))
 
-    def _end(self, account: Account, reservation_id: str, actual_ucr: int, cap_ucr: int | None,
-             now: datetime) -> Settled:
+    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
+               now: datetime, portion_ucr: int | None = None) -> Settled:
         hour = hour_index(now)
         keys = account_keys(account).all() + hour_keys(account.customer_id, hour)
-        args = [reservation_id, actual_ucr, _optional(cap_ucr), int(KEEP_KEYS.total_seconds())]
+        args = [reservation_id, actual_ucr, _optional(cap_ucr), int(KEEP_KEYS.total_seconds()), _optional(portion_ucr)]
         return Settled(*(int(value) for value in self._call(self._settle, account, keys, args, hour)))
 
-    def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime) -> Settled:
-        return self._end(account, reservation_id, actual_ucr, cap_ucr, now)
-
     def release(self, account: Account, reservation_id: str) -> None:
-        self._end(account, reservation_id, 0, None, datetime.now(UTC))
+        self.settle(account, reservation_id, 0, cap_ucr=None, now=datetime.now(UTC))
 
     def snapshot(self, account: Account, now: datetime) -> Snapshot:
         used, reserved = self._call(self._snapshot, account, account_keys(account).all(), [_ms(now)],

@@ -48,6 +48,9 @@ _ADD = (update(_COUNTERS).where(*_ACCOUNT)
 _USED = select(_COUNTERS.c.used_ucr).where(*_ACCOUNT)
 _END = (delete(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
         .returning(_RESERVATIONS.c.ucr))
+_HELD = select(_RESERVATIONS.c.ucr).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
+_TAKE = (update(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
+         .values(ucr=_RESERVATIONS.c.ucr - bindparam("take")))
 _EXPIRE = (delete(_RESERVATIONS).where(*_ITS_RESERVATIONS, _RESERVATIONS.c.expires_at <= bindparam("now"))
            .returning(_RESERVATIONS.c.ucr))
 _RESERVE = _RESERVATIONS.insert()
@@ -168,6 +171,17 @@ class SqlCounterStore:
         held = connection.execute(_END, {**_keys(account), "reservation": reservation_id}).scalar_one_or_none()
         return 0 if held is None else int(held)
 
+    def _take(self, connection: Connection, account: Account, reservation_id: str, portion_ucr: int | None) -> int:
+        """What a settlement takes from its reservation: all of it (ended), or at most `portion_ucr`
+        of a shared slice, the rest kept. Called with the account row locked."""
+        if portion_ucr is None:
+            return self._end(connection, account, reservation_id)
+        held = connection.execute(_HELD, {**_keys(account), "reservation": reservation_id}).scalar_one_or_none()
+        taken = min(portion_ucr, int(held or 0))
+        if taken:
+            connection.execute(_TAKE, {**_keys(account), "reservation": reservation_id, "take": taken})
+        return taken
+
     def _add_spend(self, connection: Connection, customer_id: str, bill: int, now: datetime) -> tuple[int, int]:
         """Add `bill` to this hour's bucket: (this hour's µcr, the previous hour's). Older buckets are
         dropped when an hour's first bill starts its bucket."""
@@ -183,12 +197,13 @@ class SqlCounterStore:
         return current, int(previous or 0)
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime) -> Settled:
+               now: datetime, portion_ucr: int | None = None) -> Settled:
         with self._transaction() as connection:
-            return self.settle_on(connection, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now)
+            return self.settle_on(connection, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now,
+                                  portion_ucr=portion_ucr)
 
     def settle_on(self, connection: Connection, account: Account, reservation_id: str, actual_ucr: int, *,
-                  cap_ucr: int | None, now: datetime) -> Settled:
+                  cap_ucr: int | None, now: datetime, portion_ucr: int | None = None) -> Settled:
         """`settle` inside the caller's transaction: the ledger writer's, so the counters and the
         ledger row commit together (or not at all)."""
         # Locks in one order everywhere (the account row, then reservations), so Postgres never deadlocks.
@@ -198,13 +213,13 @@ class SqlCounterStore:
                 self._seed(connection, account)
                 row = connection.execute(_ADD, {**_keys(account), "bill": actual_ucr, "held": 0}).one()
             bill, used, reserved = actual_ucr, int(row.used_ucr), int(row.reserved_ucr)
-            held = self._end(connection, account, reservation_id)
+            held = self._take(connection, account, reservation_id, portion_ucr)
             if held:
                 reserved -= held
                 connection.execute(_ADD, {**_keys(account), "bill": 0, "held": held})
         else:
             used, reserved = self._lock(connection, account)
-            held = self._end(connection, account, reservation_id)
+            held = self._take(connection, account, reservation_id, portion_ucr)
             bill = settle(actual_ucr, reserved_for_this_ucr=held, used_ucr=used, reserved_ucr=reserved,
                           limit=_limit(cap_ucr)).bill_ucr
             used, reserved = used + bill, reserved - held

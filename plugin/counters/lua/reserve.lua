@@ -14,6 +14,8 @@
 -- ARGV[7] seconds to keep the account's keys (past the period's end)
 -- ARGV[8] requests allowed per rate window ("" = no rate limit)
 -- ARGV[9] rate window, ms
+-- ARGV[10] spare, µcr: held besides for the process's next requests, from at most a quarter of
+--          what is left (plugin.policy.SPARE_SHARE), and only if it covers one more full ask
 -- Returns {granted µcr or -1 (refused or nothing asked), µcr left before this reservation or -1
 -- (no ceiling), rate verdict (1 allowed, 0 refused, -1 no limit), requests in the current window,
 -- requests in the previous window} (the counts are from before this request),
@@ -58,12 +60,15 @@ local minimum = tonumber(ARGV[3])
 
 local granted = -1
 local available = -1
+local spare = tonumber(ARGV[10])
 if ARGV[4] == '' then
-  granted = full
+  granted = full + spare
 else
   available = tonumber(ARGV[4]) - used - reserved
   if full <= available then
+    spare = math.min(spare, math.floor(available / 4) - full)
     granted = full
+    if spare >= full then granted = full + spare end
   elseif minimum <= available and available > 0 then
     granted = available
   end

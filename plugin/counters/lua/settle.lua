@@ -9,6 +9,8 @@
 -- ARGV[2] real usage, µcr (0 to release without billing)
 -- ARGV[3] ceiling, µcr ("" = none)
 -- ARGV[4] seconds to keep the account's keys
+-- ARGV[5] portion, µcr: take at most this much of a reservation several requests share and keep
+--         the rest held ("" = end the reservation)
 -- Returns {µcr billed, used, reserved (by others), this hour's µcr, the previous hour's µcr},
 -- or {-2, ...} when the account has no `used` (new, or Redis was flushed): seed, call again.
 
@@ -17,8 +19,13 @@ if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
 end
 
 local held = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[5] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+else
+  held = math.min(held, tonumber(ARGV[5]))
+  if held > 0 then redis.call('HINCRBY', KEYS[2], ARGV[1], -held) end
+end
 
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
 local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0') - held
