@@ -114,6 +114,45 @@ async def test_writer_reports_a_failed_commit_to_every_waiter(engine):
     assert [row.id for row in store.ledger_rows(engine)] == ["after"]
 
 
+async def test_an_idle_writer_commits_sqlite_rows_at_once_and_never_waits_for_a_lock(tmp_path):
+    """With the writer thread idle a row is committed on the caller's thread (no hand-off); while
+    another connection holds SQLite's write lock it goes to the writer thread, which waits for the
+    lock, and the event loop keeps running meanwhile."""
+    import sqlite3
+    import threading
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store.add_customer(engine, "acme", "pro")
+    committed_by: list[str] = []
+
+    def note_thread(connection, record: BillingRecord) -> BillingRecord:
+        committed_by.append(threading.current_thread().name)
+        return record
+
+    writer = LedgerWriter(engine)
+    other = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    try:
+        await writer.write(BillingRecord(entry("idle")), note_thread)
+        assert committed_by == [threading.current_thread().name]
+        other.execute("BEGIN IMMEDIATE")
+        waiting = asyncio.ensure_future(writer.write(BillingRecord(entry("locked")), note_thread))
+        ticks = 0
+        for _ in range(20):  # the event loop is free while the row waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 20 and not waiting.done()
+        other.execute("ROLLBACK")
+        await asyncio.wait_for(waiting, 10)
+        assert committed_by[1] == "meterline-ledger-writer"
+        await writer.write(BillingRecord(entry("idle-again")), note_thread)
+        assert committed_by[2] == threading.current_thread().name
+    finally:
+        other.close()
+        writer.close()
+        engine.dispose()
+    assert {row.id for row in store.ledger_rows(engine)} == {"idle", "locked", "idle-again"}
+
+
 def test_a_database_from_an_earlier_build_gets_the_new_columns(tmp_path):
     """The metering core's outbox had no delivery columns: opening it adds them, keeping its rows."""
     import sqlite3

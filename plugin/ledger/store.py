@@ -215,7 +215,14 @@ def write_records(engine: Engine, records: Iterable[BillingRecord]) -> int:
 
 def record_batch(engine: Engine, records: Iterable[BillingRecord],
                  settlements: Mapping[str, Settle] | None = None) -> dict[str, BillingRecord]:
-    """Write ledger + outbox (+ alert) rows in ONE transaction; returns the new records as written.
+    """Write ledger + outbox (+ alert) rows in ONE transaction; returns the new records as written."""
+    with engine.begin() as connection:
+        return record_on(connection, records, settlements)
+
+
+def record_on(connection: Connection, records: Iterable[BillingRecord],
+              settlements: Mapping[str, Settle] | None = None) -> dict[str, BillingRecord]:
+    """`record_batch` in the caller's transaction.
 
     A ledger id seen before is skipped with its outbox row (and its settlement is not run), so a
     repeated write never bills twice. Only positive amounts become meter events: Stripe takes
@@ -228,34 +235,33 @@ def record_batch(engine: Engine, records: Iterable[BillingRecord],
     if not unique:
         return {}
     settlements = settlements or {}
-    with engine.begin() as connection:
-        if settlements:
-            seen = set(connection.execute(_ALREADY_IN_LEDGER, {"ids": list(settlements)}).scalars())
-            for ledger_id, settle in settlements.items():
-                if ledger_id in unique and ledger_id not in seen:
-                    unique[ledger_id] = settle(connection, unique[ledger_id])
-        # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-        inserted = set(
-            connection.execute(
-                _INSERT_LEDGER[engine.dialect.name], [vars(record.entry) for record in unique.values()]
-            ).scalars()
-        )
-        new = [record for ledger_id, record in unique.items() if ledger_id in inserted]
-        events = [
-            {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
-             "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
-             "next_attempt_at": record.entry.created_at}
-            for record in new if record.entry.credits_ucr > 0 and record.meter
-        ]
-        if events:
-            connection.execute(_OUTBOX.insert(), events)
-        alerts = [
-            {"kind": "unbilled_tokens", "customer_id": record.entry.customer_id, "subject_id": record.entry.id,
-             "message": record.alert, "created_at": record.entry.created_at}
-            for record in new if record.alert
-        ]
-        if alerts:
-            connection.execute(_ALERTS.insert(), alerts)
+    if settlements:
+        seen = set(connection.execute(_ALREADY_IN_LEDGER, {"ids": list(settlements)}).scalars())
+        for ledger_id, settle in settlements.items():
+            if ledger_id in unique and ledger_id not in seen:
+                unique[ledger_id] = settle(connection, unique[ledger_id])
+    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+    inserted = set(
+        connection.execute(
+            _INSERT_LEDGER[connection.dialect.name], [vars(record.entry) for record in unique.values()]
+        ).scalars()
+    )
+    new = [record for ledger_id, record in unique.items() if ledger_id in inserted]
+    events = [
+        {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
+         "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
+         "next_attempt_at": record.entry.created_at}
+        for record in new if record.entry.credits_ucr > 0 and record.meter
+    ]
+    if events:
+        connection.execute(_OUTBOX.insert(), events)
+    alerts = [
+        {"kind": "unbilled_tokens", "customer_id": record.entry.customer_id, "subject_id": record.entry.id,
+         "message": record.alert, "created_at": record.entry.created_at}
+        for record in new if record.alert
+    ]
+    if alerts:
+        connection.execute(_ALERTS.insert(), alerts)
     return {record.entry.id: record for record in new}
 
 
