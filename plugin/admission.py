@@ -4,14 +4,15 @@ ceiling before the call; the bill, soft limits and the breaker's trip after it.
 The decisions are the pure policies (plugin.policy, plugin.ratelimit, plugin.breaker,
 plugin.limits); this module fetches their inputs (customer profile, counters), applies their
 answers (refuse, clamp, reserve, trip, notify) and never imports a gateway. plugin.litellm_hooks
-turns a `Refused` into LiteLLM's error and calls `admit` / `record_bill` / `release` / `after_settle`.
+turns a `Refused` into LiteLLM's error, calls `admit` / `record_bill` / `release`, and runs a bill's
+`after` in the background.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -217,16 +218,31 @@ async def _told(meterline: Meterline, notice: Notice, failures: list[str]) -> No
                     customer_id=notice.customer_id)
 
 
-async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingRecord
-                      ) -> tuple[BillingRecord, Settled | None]:
-    """Settle the call through the counters (billed as used, never past the ceiling) and commit its
-    ledger row; returns the record as written and the settlement (None if the counters could not
-    answer: the call is then billed in full, and counters are rebuilt from the ledger).
+@dataclass
+class Bill:
+    """A call as billed: its ledger row is committed; `after` is what still has to run, off the
+    response path (the caller schedules it, or awaits it in tests)."""
 
-    The embedded counter store settles inside the ledger writer's transaction: one commit for both.
-    Redis settles first, with one script call, on a worker thread: never in the writer's thread,
-    where a Redis outage (seconds of connect timeout per call) would stall every request's write.
-    Raises what the ledger write raised."""
+    record: BillingRecord
+    """As written (clamped to the ceiling if an estimate fell short)."""
+    settled: Settled | None
+    """The counters' settlement, for the `x-meterline-remaining` header; None when it is not made yet
+    (`after` makes it) or the counters could not answer."""
+    after: Coroutine[object, object, None]
+    """The checks after a bill (soft limits, the breaker), after the counters' settlement when it was deferred."""
+
+
+async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingRecord) -> Bill:
+    """Commit the call's ledger row and settle it through the counters (billed as used, never past
+    the ceiling). Raises what the ledger write raised.
+
+    The embedded counter store settles inside the ledger write's transaction: one commit for both.
+    Redis settles on a worker thread, never inside the ledger write, where a Redis outage (seconds
+    of connect timeout) would stall every request's write. For a customer with a ceiling it
+    settles first: the row must not bill past the ceiling, and the answer reports what is left.
+    For a customer without one the bill is the usage whatever the counters say, so the row is
+    written first and the counters follow off the response path (`Bill.after`). If Redis cannot
+    answer, the call is billed in full and logged."""
     if not admitted.metered:
         record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
@@ -242,21 +258,35 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         def settle_with_ledger(connection, pending: BillingRecord) -> BillingRecord:
             settled = in_ledger.settle_on(connection, account, reservation, actual, cap_ucr=admitted.cap_ucr,
                                           now=now, portion_ucr=portion)
-            outcome.append(settled)
+            outcome[:] = [settled]
             return within(pending, settled)
 
         written = await meterline.writer.write(record, settle_with_ledger)
         _ended(meterline, admitted, record.entry.id, actual)
-        return written, (outcome[0] if outcome else None)
-    try:
-        settled = await asyncio.to_thread(meterline.counters.settle, account, reservation, actual,
-                                          cap_ucr=admitted.cap_ucr, now=now, portion_ucr=portion)
-    except CounterError as error:
-        await counters_down(meterline, error)
-        settled = None
-    _ended(meterline, admitted, record.entry.id, actual)  # settled (or not) in Redis, whatever the ledger write does
+        settled = outcome[0] if outcome else None
+        return Bill(written, settled, after_settle(meterline, admitted, settled))
+
+    async def settle_in_redis(already_in_ledger: bool = False) -> Settled | None:
+        try:
+            return await asyncio.to_thread(meterline.counters.settle, account, reservation, actual,
+                                           cap_ucr=admitted.cap_ucr, now=now, portion_ucr=portion,
+                                           already_in_ledger=already_in_ledger)
+        except CounterError as error:
+            await counters_down(meterline, error)
+            return None
+        finally:
+            _ended(meterline, admitted, record.entry.id, actual)  # whatever the ledger write does
+
+    if admitted.cap_ucr is None:
+        written = await meterline.writer.write(record)
+
+        async def settle_then_check() -> None:
+            await after_settle(meterline, admitted, await settle_in_redis(already_in_ledger=True))
+
+        return Bill(written, None, settle_then_check())
+    settled = await settle_in_redis()
     written = await meterline.writer.write(record if settled is None else within(record, settled))
-    return written, settled
+    return Bill(written, settled, after_settle(meterline, admitted, settled))
 
 
 def _ended(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr: int) -> None:
@@ -267,11 +297,10 @@ def _ended(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr
         meterline.slices.end(hold, request_id, min(actual_ucr, hold.ucr))
 
 
-def remaining_ucr(meterline: Meterline, admitted: Admitted, settled: Settled) -> int | None:
-    """µcr the customer can still spend after this call (None: no ceiling). What this process holds in
-    its budget slice is counted as reserved in the store but is still the customer's to spend."""
-    if admitted.cap_ucr is None:
-        return None
+def remaining_ucr(meterline: Meterline, admitted: Admitted, settled: Settled) -> int:
+    """µcr a customer with a ceiling can still spend after this call. What this process holds in its
+    budget slice is counted as reserved in the store but is still the customer's to spend."""
+    assert admitted.cap_ucr is not None
     spare = meterline.slices.room(Account(admitted.customer_id, admitted.period_start))
     return max(0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr + spare)
 
@@ -302,9 +331,10 @@ async def release(meterline: Meterline, admitted: Admitted, request_id: str) -> 
         log.warning("meterline: could not release %s: %s", hold.reservation_id, error)
 
 
-async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settled) -> None:
-    """What a bill may set off, off the response path: soft-limit notices and a breaker trip."""
-    if settled.billed_ucr <= 0:
+async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settled | None) -> None:
+    """What a bill may set off, off the response path: soft-limit notices and a breaker trip (nothing
+    when the counters could not settle it)."""
+    if settled is None or settled.billed_ucr <= 0:
         return
     known = await profile(meterline, admitted.customer_id)
     if known is None:

@@ -202,9 +202,11 @@ class MeterlineLogger(CustomLogger):
         state = _state(data)
         if state is None or "credits_ucr" not in state:
             return None
-        remaining = state.get("remaining")
-        return {"x-meterline-credits": str(state["credits_ucr"]),
-                "x-meterline-remaining": "unlimited" if remaining is None else str(remaining)}
+        headers = {"x-meterline-credits": str(state["credits_ucr"])}
+        remaining = state.get("remaining", "unlimited")
+        if remaining is not None:
+            headers["x-meterline-remaining"] = str(remaining)
+        return headers
 
 
 def _metadata_field(data: Mapping[str, object]) -> str:
@@ -244,9 +246,10 @@ async def _settle(
     admitted = _admitted(state) if "admitted" in state else None
     try:
         if admitted is None:
-            written, settled = await meterline.writer.write(record), None
+            written, billed = await meterline.writer.write(record), None
         else:
-            written, settled = await admission.record_bill(meterline, admitted, record)
+            billed = await admission.record_bill(meterline, admitted, record)
+            written = billed.record
     except Exception as exc:
         log.error("meterline: could not record ledger row %s: %s", call.ledger_id, exc.__class__.__name__)
         if admitted is not None and admitted.hold is not None:
@@ -256,11 +259,12 @@ async def _settle(
             "The request could not be recorded for billing, so its answer was withheld. Try again shortly.",
             503,
         ) from None
-    if admitted is not None:
+    if billed is not None:
         state["admitted"]["hold"] = None
-        if settled is not None:
-            state["remaining"] = admission.remaining_ucr(meterline, admitted, settled)
-            _background(admission.after_settle(meterline, admitted, settled))
+        if admitted.cap_ucr is not None:  # unknown (counters down): no header rather than a wrong one
+            state["remaining"] = None if billed.settled is None else admission.remaining_ucr(
+                meterline, admitted, billed.settled)
+        _background(billed.after)
     state["credits_ucr"] = written.entry.credits_ucr
 
 

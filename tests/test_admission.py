@@ -70,9 +70,9 @@ async def one_call(meterline: Meterline, customer_id: str, n: int, credits: int)
                                      prompt_tokens=lambda: 0)
     record = BillingRecord(LedgerRow(id=f"{customer_id}-{n}", customer_id=customer_id, model="m",
                                      credits_ucr=credits * M, created_at=meterline.clock()))
-    written, settled = await admission.record_bill(meterline, admitted, record)
-    assert written.entry.credits_ucr == settled.billed_ucr == credits * M
-    await admission.after_settle(meterline, admitted, settled)
+    bill = await admission.record_bill(meterline, admitted, record)
+    assert bill.record.entry.credits_ucr == credits * M
+    await bill.after
 
 
 async def test_a_runaway_loop_trips_at_the_predicted_request_then_a_trickle_closes_it(meterline):
@@ -240,8 +240,9 @@ async def test_near_the_ceiling_requests_reserve_for_themselves_and_the_cap_hold
         await asyncio.sleep(0.01)  # the provider
         record = BillingRecord(LedgerRow(id=f"tight-{n}", customer_id="tight", model="m", credits_ucr=4 * M,
                                          created_at=meterline.clock()))
-        written, _ = await admission.record_bill(meterline, admitted, record)
-        return written.entry.credits_ucr
+        bill = await admission.record_bill(meterline, admitted, record)
+        await bill.after
+        return bill.record.entry.credits_ucr
 
     outcomes = await asyncio.gather(*(call(n) for n in range(20)), return_exceptions=True)
     billed = [outcome for outcome in outcomes if isinstance(outcome, int)]

@@ -77,13 +77,16 @@ class CounterStore(Protocol):
         ...
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime, portion_ucr: int | None = None) -> Settled:
+               now: datetime, portion_ucr: int | None = None, already_in_ledger: bool = False) -> Settled:
         """Atomically: end the reservation, add what is billed (per `policy.settle`) to used and to
         the customer's spend in the current hour. An unknown reservation (expired, never made)
         bills as if it had reserved nothing.
 
         `portion_ucr`: the reservation is a slice several requests share (plugin.slices): take at
-        most this much of it for the bill and keep the rest held, instead of ending it."""
+        most this much of it for the bill and keep the rest held, instead of ending it.
+        `already_in_ledger`: the bill's ledger row is committed (a customer without a ceiling, whose
+        counters follow the ledger): if this call has to start the account from the ledger, the bill
+        is in what it starts from and is not added again (still reported as billed)."""
         ...
 
     def release(self, account: Account, reservation_id: str) -> None:

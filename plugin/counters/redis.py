@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 
@@ -70,15 +71,17 @@ class RedisCounterStore:
     def from_url(cls, url: str, ledger_billed: Billed) -> RedisCounterStore:
         return cls(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2), ledger_billed)
 
-    def _call(self, script, account: Account, keys: list[str], args: list, hour: int) -> list:
+    def _call(self, script, account: Account, keys: list[str], args: list, hour: int,
+              args_once_seeded: list | None = None) -> list:
         """Run a script; if the account is unseeded, seed it from the ledger (NX writes: a concurrent
-        seeder wins harmlessly, both read the same ledger) and run it once more."""
+        seeder wins harmlessly, both read the same ledger) and run it once more (with
+        `args_once_seeded` when the seed changes what is left to do)."""
         self._refuse_while_down()
         try:
             answer = script(keys=keys, args=args)
             if answer[0] == UNSEEDED:
                 self._seed(account, hour)
-                answer = script(keys=keys, args=args)
+                answer = script(keys=keys, args=args_once_seeded or args)
             return answer
         except redis.RedisError as error:
             raise self._failed(error) from error
@@ -124,11 +127,15 @@ class RedisCounterStore:
                      rate_limited=verdict == 0, rate_current=int(current), rate_previous=int(previous))
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime, portion_ucr: int | None = None) -> Settled:
+               now: datetime, portion_ucr: int | None = None, already_in_ledger: bool = False) -> Settled:
         hour = hour_index(now)
         keys = account_keys(account).all() + hour_keys(account.customer_id, hour)
         args = [reservation_id, actual_ucr, _optional(cap_ucr), int(KEEP_KEYS.total_seconds()), _optional(portion_ucr)]
-        return Settled(*(int(value) for value in self._call(self._settle, account, keys, args, hour)))
+        # Seeded from a ledger that has the bill (in used and in this hour's spend): settle nothing more.
+        once_seeded = [reservation_id, 0, *args[2:]] if already_in_ledger else None
+        settled = Settled(*(int(value) for value in self._call(self._settle, account, keys, args, hour, once_seeded)))
+        return settled if settled.billed_ucr == actual_ucr or not already_in_ledger else replace(
+            settled, billed_ucr=actual_ucr)
 
     def release(self, account: Account, reservation_id: str) -> None:
         self.settle(account, reservation_id, 0, cap_ucr=None, now=datetime.now(UTC))

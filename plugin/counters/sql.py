@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 
 from sqlalchemy import Connection, Engine, bindparam, delete, func, literal, select, update
@@ -116,11 +117,17 @@ class SqlCounterStore:
 
     def _lock(self, connection: Connection, account: Account) -> tuple[int, int]:
         """Lock the account row and return (used, reserved), creating it on first use."""
+        used, reserved, _ = self._lock_or_seed(connection, account)
+        return used, reserved
+
+    def _lock_or_seed(self, connection: Connection, account: Account) -> tuple[int, int, bool]:
+        """`_lock`, and whether the account had to be started from the ledger just now."""
         row = connection.execute(_LOCK, _keys(account)).first()
-        if row is None:
-            self._seed(connection, account)
-            row = connection.execute(_LOCK, _keys(account)).one()
-        return int(row.used_ucr), int(row.reserved_ucr)
+        if row is not None:
+            return int(row.used_ucr), int(row.reserved_ucr), False
+        self._seed(connection, account)
+        row = connection.execute(_LOCK, _keys(account)).one()
+        return int(row.used_ucr), int(row.reserved_ucr), True
 
     def _set(self, connection: Connection, account: Account, used: int, reserved: int) -> None:
         connection.execute(_SET, {**_keys(account), "used": used, "reserved": reserved})
@@ -197,10 +204,15 @@ class SqlCounterStore:
         return current, int(previous or 0)
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
-               now: datetime, portion_ucr: int | None = None) -> Settled:
+               now: datetime, portion_ucr: int | None = None, already_in_ledger: bool = False) -> Settled:
         with self._transaction() as connection:
-            return self.settle_on(connection, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now,
-                                  portion_ucr=portion_ucr)
+            seeded = already_in_ledger and self._lock_or_seed(connection, account)[2]
+            settled = self.settle_on(connection, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now,
+                                     portion_ucr=portion_ucr)
+            if seeded:  # started from a ledger that has the bill: used counts it once (hour buckets start empty)
+                row = connection.execute(_ADD, {**_keys(account), "bill": -settled.billed_ucr, "held": 0}).one()
+                settled = replace(settled, used_ucr=int(row.used_ucr))
+            return settled
 
     def settle_on(self, connection: Connection, account: Account, reservation_id: str, actual_ucr: int, *,
                   cap_ucr: int | None, now: datetime, portion_ucr: int | None = None) -> Settled:
