@@ -74,10 +74,12 @@ class SliceBook:
 
     def _per_request(self, account: Account, now: datetime) -> bool:
         until = self._per_request_until.get(account)
-        if until is not None and now >= until:
-            del self._per_request_until[account]
+        if until is None:
             return False
-        return until is not None
+        if now < until:
+            return True
+        del self._per_request_until[account]
+        return False
 
     async def _reserve(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime, *,
                        reservation_id: str | None = None) -> Taken:

@@ -134,8 +134,7 @@ class RedisCounterStore:
         # Seeded from a ledger that has the bill (in used and in this hour's spend): settle nothing more.
         once_seeded = [reservation_id, 0, *args[2:]] if already_in_ledger else None
         settled = Settled(*(int(value) for value in self._call(self._settle, account, keys, args, hour, once_seeded)))
-        return settled if settled.billed_ucr == actual_ucr or not already_in_ledger else replace(
-            settled, billed_ucr=actual_ucr)
+        return replace(settled, billed_ucr=actual_ucr) if already_in_ledger else settled
 
     def release(self, account: Account, reservation_id: str) -> None:
         self.settle(account, reservation_id, 0, cap_ucr=None, now=datetime.now(UTC))
