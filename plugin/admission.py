@@ -135,8 +135,8 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
             available = counted.available_ucr
     except CounterError as error:
         await counters_down(meterline, error)
-        if meterline.settings.fail_mode == "open":
-            return unreserved
+        if meterline.settings.fail_mode == "open":  # unreserved, but its bill still never passes the ceiling
+            return replace(unreserved, cap_ucr=None if limit is None else limit.ucr)
         raise Refused(503, "billing_unavailable", "Spending limits cannot be checked right now, so the request was "
                       "not sent. Try again shortly.") from None
     if counted is not None and counted.rate_limited:
