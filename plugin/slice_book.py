@@ -83,8 +83,30 @@ class SliceBook:
 
     async def _reserve(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime, *,
                        reservation_id: str | None = None) -> Taken:
-        """One counter-store reservation: a slice when it comes with a spare, else the request's own."""
-        reservation_id = reservation_id or request_id
+        """One counter-store reservation: a slice when it comes with a spare, else the request's own.
+        A request cancelled meanwhile (its client went away) does not leave it held until it expires:
+        once made, its share is given back."""
+        reserving = asyncio.ensure_future(self._reserve_now(account, request_id, ask, cap_ucr, now,
+                                                            reservation_id or request_id))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(lambda done: self._abandon(account, request_id, done))
+            raise
+
+    def _abandon(self, account: Account, request_id: str, reserving: asyncio.Future) -> None:
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        hold = reserving.result().hold
+        if hold is None:
+            return
+        if hold.shared:
+            self.end(hold, request_id, 0)
+        else:
+            self._in_background(self._release, account, hold.reservation_id)
+
+    async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
+                           reservation_id: str) -> Taken:
         carving_until = now + timedelta(seconds=self.seconds)
         granted = await asyncio.to_thread(
             self.counters.reserve, account, reservation_id, ask, cap_ucr=cap_ucr, now=now,
@@ -122,7 +144,10 @@ class SliceBook:
 
     def _give_back(self, account: Account, lease: Slice) -> None:
         del self._open[lease.lease_id]
-        task = asyncio.ensure_future(asyncio.to_thread(self._release, account, lease.lease_id))
+        self._in_background(self._release, account, lease.lease_id)
+
+    def _in_background(self, call, *args) -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(call, *args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -253,3 +253,38 @@ async def test_near_the_ceiling_requests_reserve_for_themselves_and_the_cap_hold
     assert sum(billed) == store.billed_between(meterline.engine, "tight", account.period, None) <= 6 * full
     assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(sum(billed), 0)
     assert made[0].startswith("slice_") and not any(made_id.startswith("slice_") for made_id in made[1:])
+
+
+async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_back(meterline):
+    """The client goes away while the counter store is making the slice: the slice still arrives and
+    is used, the cancelled request holds nothing of it, and it is given back when its time is up."""
+    import threading
+
+    full = capped_customer(meterline, "leaver", hard_limit_credits=1_000_000)
+    store_reserve, go_on = meterline.counters.reserve, threading.Event()
+
+    def slow_reserve(*args, **kwargs):
+        go_on.wait(10)
+        return store_reserve(*args, **kwargs)
+
+    meterline.counters.reserve = slow_reserve
+    admitting = asyncio.ensure_future(admission.admit(meterline, "leaver", "leaver-0", model="m",
+                                                      asked_max_tokens=None, prompt_tokens=lambda: 0))
+    await asyncio.sleep(0.05)
+    admitting.cancel()
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    account = Account("leaver", datetime(2026, 11, 1, tzinfo=UTC))
+    for _ in range(100):
+        if meterline.slices.room(account) == 32 * full:
+            break
+        await asyncio.sleep(0.01)
+    assert meterline.slices.room(account) == 32 * full  # all of it free for the next requests
+    await one_call(meterline, "leaver", 1, credits=1)
+    meterline.clock.now += timedelta(seconds=2)
+    for _ in range(300):  # the slice's timer (2 s of real time) retires it; it is drained, so it goes back
+        if meterline.counters.snapshot(account, meterline.clock()).reserved_ucr == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(M, 0)
