@@ -143,8 +143,8 @@ class SliceBook:
             self._give_back(account, lease)
 
     def _give_back(self, account: Account, lease: Slice) -> None:
-        del self._open[lease.lease_id]
-        self._in_background(self._release, account, lease.lease_id)
+        if self._open.pop(lease.lease_id, None) is not None:  # not given back already (by `close`)
+            self._in_background(self._release, account, lease.lease_id)
 
     def _in_background(self, call, *args) -> None:
         task = asyncio.ensure_future(asyncio.to_thread(call, *args))

@@ -288,3 +288,22 @@ async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_bac
             break
         await asyncio.sleep(0.02)
     assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(M, 0)
+
+
+async def test_a_slice_whose_time_comes_after_the_process_gave_it_back_is_not_given_back_twice(meterline):
+    capped_customer(meterline, "closing", hard_limit_credits=1_000_000)
+    released: list[str] = []
+    store_release = meterline.counters.release
+
+    def release(account, reservation_id):
+        released.append(reservation_id)
+        store_release(account, reservation_id)
+
+    meterline.counters.release = release
+    failures: list[dict] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: failures.append(context))
+    await one_call(meterline, "closing", 0, credits=1)
+    meterline.slices.close()
+    await asyncio.sleep(2.2)  # the slice's timer fires after the process gave it back
+    assert failures == []
+    assert len(released) == 1 and released[0].startswith("slice_")
