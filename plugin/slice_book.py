@@ -63,9 +63,12 @@ class SliceBook:
                 return await self._reserve(account, request_id, ask, cap_ucr, now)
         if current is not None:
             self._retire(account, current)
+        # Room for at least twice as many requests as held the last slice: under concurrency a slice
+        # of `requests` would run out before its own requests finish, and every lease makes requests wait.
+        requests = self.requests if current is None else max(self.requests, 2 * len(current.holders))
         self._leasing[account] = done = asyncio.get_running_loop().create_future()
         try:
-            spare = replace(ask, spare_ucr=(self.requests - 1) * ask.full_ucr)
+            spare = replace(ask, spare_ucr=(requests - 1) * ask.full_ucr)
             return await self._reserve(account, request_id, spare, cap_ucr, now,
                                        reservation_id=f"slice_{secrets.token_hex(12)}")
         finally:

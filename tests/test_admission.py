@@ -307,3 +307,23 @@ async def test_a_slice_whose_time_comes_after_the_process_gave_it_back_is_not_gi
     await asyncio.sleep(2.2)  # the slice's timer fires after the process gave it back
     assert failures == []
     assert len(released) == 1 and released[0].startswith("slice_")
+
+
+async def test_under_concurrency_the_next_slice_has_room_for_twice_the_requests_holding_the_last(meterline):
+    """100 requests of one customer in flight at once: a slice of 32, then of 64 (twice the 32 still
+    holding the first), then of 128: three reservations instead of four."""
+    capped_customer(meterline, "busy", hard_limit_credits=1_000_000)
+    made = counting_reservations(meterline)
+
+    async def call(n: int) -> None:
+        admitted = await admission.admit(meterline, "busy", f"busy-{n}", model="m", asked_max_tokens=None,
+                                         prompt_tokens=lambda: 0)
+        await asyncio.sleep(0.2)  # the provider: every request is still in flight when the last one arrives
+        record = BillingRecord(LedgerRow(id=f"busy-{n}", customer_id="busy", model="m", credits_ucr=M,
+                                         created_at=meterline.clock()))
+        await (await admission.record_bill(meterline, admitted, record)).after
+
+    await asyncio.gather(*(call(n) for n in range(100)))
+    assert len(made) == 3 and all(made_id.startswith("slice_") for made_id in made)
+    account = Account("busy", datetime(2026, 11, 1, tzinfo=UTC))
+    assert store.billed_between(meterline.engine, "busy", account.period, None) == 100 * M
