@@ -58,7 +58,7 @@ class LedgerWriter:
 
     async def write(self, record: BillingRecord, settle: Settle | None = None) -> BillingRecord:
         """Commit `record` (after `settle`, in the same transaction, may change it); returns it as written."""
-        if self._inline is not None and not self._committing and self._queue.empty() and self._inline.quiet():
+        if self._inline is not None and not self._committing and self._queue.empty():
             written = self._inline.write(record, settle)
             if written is not None:
                 return written
@@ -142,12 +142,10 @@ class _Inline:
         """One caller at a time (the connection is this object's alone); a second one uses the writer thread."""
         self._last_end = 0.0
 
-    def quiet(self) -> bool:
-        return time.monotonic() - self._last_end >= self.BURST_SECONDS
-
     def write(self, record: BillingRecord, settle: Settle | None) -> BillingRecord | None:
-        """The record as committed, or None when the write lock (or this connection) is taken: queue it."""
-        if not self._lock.acquire(blocking=False):
+        """The record as committed, or None when it should be queued: part of a burst, or the write
+        lock (or this connection) is taken."""
+        if time.monotonic() - self._last_end < self.BURST_SECONDS or not self._lock.acquire(blocking=False):
             return None
         try:
             connection = self._connect()
