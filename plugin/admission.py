@@ -237,8 +237,9 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     the ceiling). Raises what the ledger write raised.
 
     The embedded counter store settles inside the ledger write's transaction: one commit for both.
-    Redis settles on a worker thread, never inside the ledger write, where a Redis outage (seconds
-    of connect timeout) would stall every request's write. For a customer with a ceiling it
+    Redis settles before or after the ledger write, never inside it, where a Redis outage (seconds
+    of connect timeout) would stall every request's write (`settle_promptly`: on the event loop when
+    Redis answers within a millisecond, else on a worker thread). For a customer with a ceiling it
     settles first: the row must not bill past the ceiling, and the answer reports what is left.
     For a customer without one the bill is the usage whatever the counters say, so the row is
     written first and the counters follow off the response path (`Bill.after`). If Redis cannot
@@ -268,9 +269,9 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
 
     async def settle_in_redis(already_in_ledger: bool = False) -> Settled | None:
         try:
-            return await asyncio.to_thread(meterline.counters.settle, account, reservation, actual,
-                                           cap_ucr=admitted.cap_ucr, now=now, portion_ucr=portion,
-                                           already_in_ledger=already_in_ledger)
+            return await meterline.counters.settle_promptly(account, reservation, actual, cap_ucr=admitted.cap_ucr,
+                                                            now=now, portion_ucr=portion,
+                                                            already_in_ledger=already_in_ledger)
         except CounterError as error:
             await counters_down(meterline, error)
             return None

@@ -275,6 +275,8 @@ class Meterline:
             self.writer.close()
         if "slices" in self.__dict__:  # after the writer: its last settlements take from them
             self.slices.close()
+        if "counters" in self.__dict__:  # after the slices: giving them back is a counter call
+            self.counters.close()
         if self._checkpointer is not None:
             self._checkpointer.stop()
             self._checkpointer = None

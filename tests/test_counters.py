@@ -5,6 +5,7 @@ Each backend must do exactly what `plugin.policy.grant` / `settle` say, atomical
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from functools import partial
@@ -69,6 +70,18 @@ def test_settle_bills_real_usage_and_frees_the_reservation(counters):
     assert counters.snapshot(ACME, NOW) == Snapshot(2500, 0)
     assert counters.settle(ACME, "r1", 2500, cap_ucr=10_000, now=NOW).billed_ucr == 2500  # settled twice: the reservation is gone
     assert counters.snapshot(ACME, NOW) == Snapshot(5000, 0)
+
+
+def test_settle_promptly_is_settle_for_a_caller_on_an_event_loop(counters):
+    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+    counters.reserve(ACME, "r2", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+
+    async def both() -> list[Settled]:
+        return [await counters.settle_promptly(ACME, "r1", 2500, cap_ucr=10_000, now=NOW),
+                await counters.settle_promptly(ACME, "r2", 9000, cap_ucr=10_000, now=NOW)]
+
+    assert asyncio.run(both()) == [Settled(2500, 2500, 4000, 2500, 0), Settled(7500, 10_000, 0, 10_000, 0)]
+    counters.close()
 
 
 def test_settle_never_bills_past_the_ceiling(counters):

@@ -89,6 +89,13 @@ class CounterStore(Protocol):
         is in what it starts from and is not added again (still reported as billed)."""
         ...
 
+    async def settle_promptly(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
+                              now: datetime, portion_ucr: int | None = None,
+                              already_in_ledger: bool = False) -> Settled:
+        """`settle` for a caller on an event loop, answered as soon as the store can: the response path
+        settles with it (never blocking the loop for long: slow work goes to a worker thread)."""
+        ...
+
     def release(self, account: Account, reservation_id: str) -> None:
         """End a reservation without billing (the request failed, or a slice is given back)."""
         ...
@@ -103,4 +110,8 @@ class CounterStore(Protocol):
 
     def rebuild(self, account: Account, used_ucr: int) -> None:
         """Set used from the ledger (after a Redis flush or a restore); reservations are kept."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connections (the process is shutting down)."""
         ...

@@ -12,6 +12,8 @@ SQLAlchemy statement per call cost four times more than running it.
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -213,6 +215,16 @@ class SqlCounterStore:
                 row = connection.execute(_ADD, {**_keys(account), "bill": -settled.billed_ucr, "held": 0}).one()
                 settled = replace(settled, used_ucr=int(row.used_ucr))
             return settled
+
+    async def settle_promptly(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
+                              now: datetime, portion_ucr: int | None = None,
+                              already_in_ledger: bool = False) -> Settled:
+        """`settle` on a worker thread: a database transaction never runs on the event loop."""
+        return await asyncio.to_thread(self.settle, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now,
+                                       portion_ucr=portion_ucr, already_in_ledger=already_in_ledger)
+
+    def close(self) -> None:
+        """Nothing of its own to release: the engine is the ledger's."""
 
     def settle_on(self, connection: Connection, account: Account, reservation_id: str, actual_ucr: int, *,
                   cap_ucr: int | None, now: datetime, portion_ucr: int | None = None) -> Settled:
