@@ -13,7 +13,6 @@ SQLAlchemy statement per call cost four times more than running it.
 from __future__ import annotations
 
 import asyncio
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
