@@ -1,12 +1,14 @@
 """Plugin overhead: the same LiteLLM proxy with meterline on and off, against the same upstream.
 
 Both proxies run side by side. Latency requests alternate one by one between the sides, and
-load rounds alternate (on, off, on, off, ...), so drift in the machine's load hits both alike.
+load rounds alternate (on, off, then off, on, ...), so drift in the machine's load hits both alike.
 Reported:
   - latency at 1 concurrent: p50 and p99 per side and their difference (the plugin's added
     latency), measured twice: alternating request by request between the sides, and back to back
     on one side (where each request meets the previous one's background logging work);
-  - throughput at N concurrent: requests/s per side and the ratio on/off;
+  - throughput at N concurrent: requests/s per side (median of the rounds) and the ratio on/off: the
+    median of each round's ratio, whose two sides ran seconds apart (the machine's speed drifts by
+    more than the plugin costs between rounds), with the rounds' spread;
   - proxy CPU time per request (user + system, from /proc), per side.
 
 Run: .venv/bin/python bench/overhead.py  (or `make bench`). Takes about two minutes.
@@ -99,11 +101,12 @@ async def measure(sides: dict, args) -> dict:
     }
     try:
         await latency_phase(clients, sides, 20)  # warm-up: imports, connection pools, first-request caches
-        for _ in range(args.rounds):
+        for round_number in range(args.rounds):
             before = {name: cpu_seconds(side["pid"]) for name, side in sides.items()}
             for name, samples in (await latency_phase(clients, sides, args.latency_requests)).items():
                 results[name]["latency"] += samples
-            for name, side in sides.items():
+            order = list(sides.items()) if round_number % 2 == 0 else list(reversed(sides.items()))
+            for name, side in order:
                 results[name]["back_to_back"] += await back_to_back_phase(clients[name], side["key"], args.latency_requests)
                 results[name]["rps"].append(
                     await throughput_phase(clients[name], side["key"], args.load_requests, args.concurrency)
@@ -124,6 +127,7 @@ def report(results: dict, args) -> str:
     b2b50 = {name: statistics.median(side["back_to_back"]) for name, side in results.items()}
     b2b99 = {name: percentile(side["back_to_back"], 99) for name, side in results.items()}
     rps = {name: statistics.median(side["rps"]) for name, side in results.items()}
+    ratios = [on_rps / off_rps for on_rps, off_rps in zip(on["rps"], results["off"]["rps"], strict=True)]
     cpu = {name: side["cpu"] / side["requests"] * 1000 for name, side in results.items()}
     lines = [
         "| measure | plugin off | plugin on | on - off / ratio |",
@@ -132,7 +136,8 @@ def report(results: dict, args) -> str:
         f"| p99 latency, 1 concurrent, alternating (ms) | {p99['off']:.2f} | {p99['on']:.2f} | {p99['on'] - p99['off']:+.2f} ms |",
         f"| p50 latency, back to back (ms) | {b2b50['off']:.2f} | {b2b50['on']:.2f} | {b2b50['on'] - b2b50['off']:+.2f} ms |",
         f"| p99 latency, back to back (ms) | {b2b99['off']:.2f} | {b2b99['on']:.2f} | {b2b99['on'] - b2b99['off']:+.2f} ms |",
-        f"| throughput, {args.concurrency} concurrent (req/s) | {rps['off']:.1f} | {rps['on']:.1f} | ratio {rps['on'] / rps['off']:.3f} |",
+        f"| throughput, {args.concurrency} concurrent (req/s) | {rps['off']:.1f} | {rps['on']:.1f} | ratio "
+        f"{statistics.median(ratios):.3f} (rounds {min(ratios):.3f} to {max(ratios):.3f}) |",
         f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | {cpu['on'] - cpu['off']:+.2f} ms |",
     ]
     samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load rounds of {args.load_requests} per side"

@@ -127,8 +127,8 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
             taken = await meterline.slices.take(account, request_id, request, cap_ucr=limit.ucr, now=now)
             hold, available, counted = taken.hold, taken.available_ucr, None
         else:  # every request is counted against the rate limit: one counter-store call each
-            counted = await asyncio.to_thread(
-                meterline.counters.reserve, account, request_id, request, cap_ucr=None if limit is None else limit.ucr,
+            counted = await meterline.counters.reserve_promptly(
+                account, request_id, request, cap_ucr=None if limit is None else limit.ucr,
                 expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now, rate=rate,
             )
             hold = None if counted.granted_ucr is None else Hold(request_id, counted.granted_ucr, shared=False)

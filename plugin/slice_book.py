@@ -111,8 +111,8 @@ class SliceBook:
     async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
                            reservation_id: str) -> Taken:
         carving_until = now + timedelta(seconds=self.seconds)
-        granted = await asyncio.to_thread(
-            self.counters.reserve, account, reservation_id, ask, cap_ucr=cap_ucr, now=now,
+        granted = await self.counters.reserve_promptly(
+            account, reservation_id, ask, cap_ucr=cap_ucr, now=now,
             expires_at=carving_until + timedelta(seconds=self.reservation_seconds))
         if granted.granted_ucr is None:
             return Taken(None, granted.available_ucr)

@@ -172,13 +172,13 @@ def capped_customer(meterline: Meterline, customer_id: str, hard_limit_credits: 
 def counting_reservations(meterline: Meterline) -> list[str]:
     """Record each counter-store reservation (the real store still makes it)."""
     made: list[str] = []
-    store_reserve = meterline.counters.reserve
+    store_reserve = meterline.counters.reserve_promptly
 
-    def reserve(account, reservation_id, *args, **kwargs):
+    async def reserve(account, reservation_id, *args, **kwargs):
         made.append(reservation_id)
-        return store_reserve(account, reservation_id, *args, **kwargs)
+        return await store_reserve(account, reservation_id, *args, **kwargs)
 
-    meterline.counters.reserve = reserve
+    meterline.counters.reserve_promptly = reserve
     return made
 
 
@@ -261,13 +261,13 @@ async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_bac
     import threading
 
     full = capped_customer(meterline, "leaver", hard_limit_credits=1_000_000)
-    store_reserve, go_on = meterline.counters.reserve, threading.Event()
+    store_reserve, go_on = meterline.counters.reserve_promptly, threading.Event()
 
-    def slow_reserve(*args, **kwargs):
-        go_on.wait(10)
-        return store_reserve(*args, **kwargs)
+    async def slow_reserve(*args, **kwargs):
+        await asyncio.to_thread(go_on.wait, 10)
+        return await store_reserve(*args, **kwargs)
 
-    meterline.counters.reserve = slow_reserve
+    meterline.counters.reserve_promptly = slow_reserve
     admitting = asyncio.ensure_future(admission.admit(meterline, "leaver", "leaver-0", model="m",
                                                       asked_max_tokens=None, prompt_tokens=lambda: 0))
     await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from plugin.counters.base import Account, CounterError, Settled, Snapshot
+from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
 from plugin.ledger.store import BillingRecord, LedgerRow, billed_between, make_engine, write_records
@@ -72,15 +72,21 @@ def test_settle_bills_real_usage_and_frees_the_reservation(counters):
     assert counters.snapshot(ACME, NOW) == Snapshot(5000, 0)
 
 
-def test_settle_promptly_is_settle_for_a_caller_on_an_event_loop(counters):
-    counters.reserve(ACME, "r1", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
-    counters.reserve(ACME, "r2", Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)
+def test_the_prompt_calls_are_reserve_and_settle_for_a_caller_on_an_event_loop(counters):
+    rate = RateLimit(requests=2, window_ms=60_000)
 
-    async def both() -> list[Settled]:
-        return [await counters.settle_promptly(ACME, "r1", 2500, cap_ucr=10_000, now=NOW),
-                await counters.settle_promptly(ACME, "r2", 9000, cap_ucr=10_000, now=NOW)]
+    async def reserve(reservation: str) -> Grant:
+        return await counters.reserve_promptly(ACME, reservation, Ask(6000, 1000), cap_ucr=10_000, expires_at=LATER,
+                                               now=NOW, rate=rate)
 
-    assert asyncio.run(both()) == [Settled(2500, 2500, 4000, 2500, 0), Settled(7500, 10_000, 0, 10_000, 0)]
+    async def run() -> tuple[list[Grant], list[Settled]]:
+        grants = [await reserve("r1"), await reserve("r2"), await reserve("r3")]
+        return grants, [await counters.settle_promptly(ACME, "r1", 2500, cap_ucr=10_000, now=NOW),
+                        await counters.settle_promptly(ACME, "r2", 9000, cap_ucr=10_000, now=NOW)]
+
+    grants, settled = asyncio.run(run())
+    assert grants == [Grant(6000, 10_000), Grant(4000, 4000, rate_current=1), Grant(None, None, True, 2)]
+    assert settled == [Settled(2500, 2500, 4000, 2500, 0), Settled(7500, 10_000, 0, 10_000, 0)]
     counters.close()
 
 

@@ -73,6 +73,15 @@ def test_a_quick_answer_is_read_on_the_event_loop(store, hand_offs):
     assert hand_offs == ["_connect_line_then_call"]  # the second one: no worker thread at all
 
 
+def test_a_reservation_is_read_on_the_event_loop_too(store, hand_offs):
+    settle_promptly(store, "warm-up", 0)
+    granted = asyncio.run(store.reserve_promptly(ACME, "r1", Ask(3000, 1000), cap_ucr=10_000, expires_at=LATER,
+                                                 now=NOW))
+    assert (granted.granted_ucr, granted.available_ucr) == (3000, 10_000)
+    assert hand_offs == ["_connect_line_then_call"]
+    assert store.snapshot(ACME, NOW) == Snapshot(0, 3000)
+
+
 def test_a_slow_answer_is_read_by_a_worker_thread_then_calls_go_there_for_a_while(store, client, hand_offs,
                                                                                   moment):
     store.reserve(ACME, "r1", Ask(3000, 1000), cap_ucr=10_000, expires_at=LATER, now=NOW)

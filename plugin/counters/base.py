@@ -76,6 +76,11 @@ class CounterStore(Protocol):
         reserve per `policy.grant`. `ask=None` reserves nothing (a customer with no ceiling)."""
         ...
 
+    async def reserve_promptly(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
+                               expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        """`reserve` for a caller on an event loop (see `settle_promptly`)."""
+        ...
+
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
                now: datetime, portion_ucr: int | None = None, already_in_ledger: bool = False) -> Settled:
         """Atomically: end the reservation, add what is billed (per `policy.settle`) to used and to

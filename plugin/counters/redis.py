@@ -213,6 +213,16 @@ class RedisCounterStore:
 
     def reserve(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
                 expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        return self._granted(self._call(self._reserve_call(account, reservation_id, ask, cap_ucr, expires_at, now,
+                                                           rate)), cap_ucr)
+
+    async def reserve_promptly(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
+                               expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        call = self._reserve_call(account, reservation_id, ask, cap_ucr, expires_at, now, rate)
+        return self._granted(await self._call_promptly(call), cap_ucr)
+
+    def _reserve_call(self, account: Account, reservation_id: str, ask: Ask | None, cap_ucr: int | None,
+                      expires_at: datetime, now: datetime, rate: RateLimit | None) -> _Call:
         now_ms = _ms(now)
         window = window_index(now_ms, rate) if rate else 0
         keys = account_keys(account).all() + rate_keys(account.customer_id, window)
@@ -220,10 +230,14 @@ class RedisCounterStore:
                 _optional(cap_ucr), _ms(expires_at), now_ms, int(KEEP_KEYS.total_seconds()),
                 "" if rate is None else rate.requests, 0 if rate is None else rate.window_ms,
                 0 if ask is None else ask.spare_ucr]
-        granted, available, verdict, current, previous = self._call(_Call(self._reserve, account, keys, args,
-                                                                          hour_index(now)))
-        return Grant(None if granted < 0 else int(granted), None if cap_ucr is None else int(available),
-                     rate_limited=verdict == 0, rate_current=int(current), rate_previous=int(previous))
+        return _Call(self._reserve, account, keys, args, hour_index(now))
+
+    @staticmethod
+    def _granted(answer: list, cap_ucr: int | None) -> Grant:
+        granted, available, verdict, current, previous = answer
+        limited = verdict == 0  # refused before the ceiling was looked at: nothing is known about it
+        return Grant(None if granted < 0 else int(granted), None if cap_ucr is None or limited else int(available),
+                     rate_limited=limited, rate_current=int(current), rate_previous=int(previous))
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
                now: datetime, portion_ucr: int | None = None, already_in_ledger: bool = False) -> Settled:

@@ -215,6 +215,12 @@ class SqlCounterStore:
                 settled = replace(settled, used_ucr=int(row.used_ucr))
             return settled
 
+    async def reserve_promptly(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
+                               expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
+        """`reserve` on a worker thread: a database transaction never runs on the event loop."""
+        return await asyncio.to_thread(self.reserve, account, reservation_id, ask, cap_ucr=cap_ucr,
+                                       expires_at=expires_at, now=now, rate=rate)
+
     async def settle_promptly(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
                               now: datetime, portion_ucr: int | None = None,
                               already_in_ledger: bool = False) -> Settled:
