@@ -1,14 +1,14 @@
 """Plugin overhead: the same LiteLLM proxy with meterline on and off, against the same upstream.
 
 Both proxies run side by side. Latency requests alternate one by one between the sides, and
-load rounds alternate (on, off, then off, on, ...), so drift in the machine's load hits both alike.
+load runs alternate (on, off, then off, on, ...), so drift in the machine's load hits both alike.
 Reported:
   - latency at 1 concurrent: p50 and p99 per side and their difference (the plugin's added
     latency), measured twice: alternating request by request between the sides, and back to back
     on one side (where each request meets the previous one's background logging work);
-  - throughput at N concurrent: requests/s per side (median of the rounds) and the ratio on/off: the
-    median of each round's ratio, whose two sides ran seconds apart (the machine's speed drifts by
-    more than the plugin costs between rounds), with the rounds' spread;
+  - throughput at N concurrent: requests/s per side (median of the load runs) and the ratio on/off:
+    the median of the ratios of pairs of runs, one per side, seconds apart (the machine's speed
+    drifts by more than the plugin costs within a minute), with the pairs' spread;
   - proxy CPU time per request (user + system, from /proc), per side.
 
 Run: .venv/bin/python bench/overhead.py  (or `make bench`). Takes about two minutes.
@@ -108,12 +108,14 @@ async def measure(sides: dict, args) -> dict:
             order = list(sides.items()) if round_number % 2 == 0 else list(reversed(sides.items()))
             for name, side in order:
                 results[name]["back_to_back"] += await back_to_back_phase(clients[name], side["key"], args.latency_requests)
-                results[name]["rps"].append(
-                    await throughput_phase(clients[name], side["key"], args.load_requests, args.concurrency)
-                )
+            for pair in range(args.load_pairs):  # short loads, side by side: a pair's two runs are seconds apart
+                for name, side in order if pair % 2 == 0 else order[::-1]:
+                    results[name]["rps"].append(
+                        await throughput_phase(clients[name], side["key"], args.load_requests, args.concurrency)
+                    )
             for name, side in sides.items():
                 results[name]["cpu"] += cpu_seconds(side["pid"]) - before[name]
-                results[name]["requests"] += 2 * args.latency_requests + args.load_requests
+                results[name]["requests"] += 2 * args.latency_requests + args.load_pairs * args.load_requests
     finally:
         for client in clients.values():
             await client.aclose()
@@ -137,10 +139,10 @@ def report(results: dict, args) -> str:
         f"| p50 latency, back to back (ms) | {b2b50['off']:.2f} | {b2b50['on']:.2f} | {b2b50['on'] - b2b50['off']:+.2f} ms |",
         f"| p99 latency, back to back (ms) | {b2b99['off']:.2f} | {b2b99['on']:.2f} | {b2b99['on'] - b2b99['off']:+.2f} ms |",
         f"| throughput, {args.concurrency} concurrent (req/s) | {rps['off']:.1f} | {rps['on']:.1f} | ratio "
-        f"{statistics.median(ratios):.3f} (rounds {min(ratios):.3f} to {max(ratios):.3f}) |",
+        f"{statistics.median(ratios):.3f} (pairs {min(ratios):.3f} to {max(ratios):.3f}) |",
         f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | {cpu['on'] - cpu['off']:+.2f} ms |",
     ]
-    samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load rounds of {args.load_requests} per side"
+    samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load runs of {args.load_requests} per side"
     counters = "counters in Redis" if args.redis else "counters in the ledger's database"
     customer = "a capped customer (reserve + settle)" if args.capped else "an unlimited customer (settle only)"
     return "\n".join(lines) + f"\n\n{samples}; ledger on SQLite, {counters}, {customer}."
@@ -150,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-requests", type=int, default=200)
-    parser.add_argument("--load-requests", type=int, default=600)
+    parser.add_argument("--load-requests", type=int, default=300)
+    parser.add_argument("--load-pairs", type=int, default=2, help="load runs per side and round")
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--deliver", choices=("v1", "v2"), default=None,
                         help="the plugin-on proxy's relay also delivers meter events to the Stripe emulator, "

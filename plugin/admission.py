@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
+from functools import partial
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from plugin import breaker, metrics
 from plugin.breaker import BreakerStatus
-from plugin.counters.base import Account, CounterError, Settled
+from plugin.counters.base import Account, CounterError, Grant, Settled
 from plugin.ledger import accounts
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
@@ -31,6 +32,7 @@ from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusa
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
 from plugin.slices import Hold
+from plugin.tasks import to_the_end
 
 log = logging.getLogger("meterline")
 
@@ -127,10 +129,10 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
             taken = await meterline.slices.take(account, request_id, request, cap_ucr=limit.ucr, now=now)
             hold, available, counted = taken.hold, taken.available_ucr, None
         else:  # every request is counted against the rate limit: one counter-store call each
-            counted = await meterline.counters.reserve_promptly(
+            counted = await to_the_end(meterline.counters.reserve_promptly(
                 account, request_id, request, cap_ucr=None if limit is None else limit.ucr,
                 expires_at=now + timedelta(seconds=policies.reservation_seconds), now=now, rate=rate,
-            )
+            ), partial(_release_abandoned, meterline, account, request_id))
             hold = None if counted.granted_ucr is None else Hold(request_id, counted.granted_ucr, shared=False)
             available = counted.available_ucr
     except CounterError as error:
@@ -151,6 +153,19 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
         raise Refused(402, decision.reason, refusal_message(decision.reason, limit, known.plan, period.end,
                                                             detail=policies.refusal_detail))
     return Admitted(customer_id, period.start, limit.ucr, hold, decision.max_tokens, metered=plan.metered)
+
+
+_giving_back: set[asyncio.Task] = set()
+
+
+def _release_abandoned(meterline: Meterline, account: Account, request_id: str, granted: Grant) -> None:
+    """Release what the reservation of a request cancelled meanwhile granted: not held until it expires."""
+    if granted.granted_ucr is None:
+        return
+    abandoned = Admitted(account.customer_id, account.period, None, Hold(request_id, granted.granted_ucr, shared=False))
+    task = asyncio.ensure_future(release(meterline, abandoned, request_id))
+    _giving_back.add(task)
+    task.add_done_callback(_giving_back.discard)
 
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
@@ -238,11 +253,11 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
 
     The embedded counter store settles inside the ledger write's transaction: one commit for both.
     Redis settles before or after the ledger write, never inside it, where a Redis outage (seconds
-    of connect timeout) would stall every request's write (`settle_promptly`: on the event loop when
-    Redis answers within a millisecond, else on a worker thread). For a customer with a ceiling it
-    settles first: the row must not bill past the ceiling, and the answer reports what is left.
-    For a customer without one the bill is the usage whatever the counters say, so the row is
-    written first and the counters follow off the response path (`Bill.after`). If Redis cannot
+    of connect timeout) would stall every request's write. For a customer with a ceiling it settles
+    first, promptly (`settle_promptly`: on the event loop when Redis answers within a millisecond):
+    the row must not bill past the ceiling, and the answer reports what is left. For a customer
+    without one the bill is the usage whatever the counters say, so the row is written first and
+    the counters follow on a worker thread, off the response path (`Bill.after`). If Redis cannot
     answer, the call is billed in full and logged."""
     if not admitted.metered:
         record = replace(record, meter=False)
@@ -267,11 +282,11 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         settled = outcome[0] if outcome else None
         return Bill(written, settled, after_settle(meterline, admitted, settled))
 
-    async def settle_in_redis(already_in_ledger: bool = False) -> Settled | None:
+    terms = {"cap_ucr": admitted.cap_ucr, "now": now, "portion_ucr": portion}
+
+    async def settled_in_redis(settling: Awaitable[Settled]) -> Settled | None:
         try:
-            return await meterline.counters.settle_promptly(account, reservation, actual, cap_ucr=admitted.cap_ucr,
-                                                            now=now, portion_ucr=portion,
-                                                            already_in_ledger=already_in_ledger)
+            return await settling
         except CounterError as error:
             await counters_down(meterline, error)
             return None
@@ -281,11 +296,13 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     if admitted.cap_ucr is None:
         written = await meterline.writer.write(record)
 
-        async def settle_then_check() -> None:
-            await after_settle(meterline, admitted, await settle_in_redis(already_in_ledger=True))
+        async def settle_then_check() -> None:  # off the response path: a worker thread, the event loop never waits
+            settling = asyncio.to_thread(meterline.counters.settle, account, reservation, actual, **terms,
+                                         already_in_ledger=True)
+            await after_settle(meterline, admitted, await settled_in_redis(settling))
 
         return Bill(written, None, settle_then_check())
-    settled = await settle_in_redis()
+    settled = await settled_in_redis(meterline.counters.settle_promptly(account, reservation, actual, **terms))
     written = await meterline.writer.write(record if settled is None else within(record, settled))
     return Bill(written, settled, after_settle(meterline, admitted, settled))
 

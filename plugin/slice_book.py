@@ -11,10 +11,12 @@ import logging
 import secrets
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 
 from plugin.counters.base import Account, CounterError, CounterStore
 from plugin.policy import Ask
 from plugin.slices import Hold, Slice
+from plugin.tasks import to_the_end
 
 log = logging.getLogger("meterline")
 
@@ -89,18 +91,11 @@ class SliceBook:
         """One counter-store reservation: a slice when it comes with a spare, else the request's own.
         A request cancelled meanwhile (its client went away) does not leave it held until it expires:
         once made, its share is given back."""
-        reserving = asyncio.ensure_future(self._reserve_now(account, request_id, ask, cap_ucr, now,
-                                                            reservation_id or request_id))
-        try:
-            return await asyncio.shield(reserving)
-        except asyncio.CancelledError:
-            reserving.add_done_callback(lambda done: self._abandon(account, request_id, done))
-            raise
+        return await to_the_end(self._reserve_now(account, request_id, ask, cap_ucr, now, reservation_id or request_id),
+                                partial(self._abandon, account, request_id))
 
-    def _abandon(self, account: Account, request_id: str, reserving: asyncio.Future) -> None:
-        if reserving.cancelled() or reserving.exception() is not None:
-            return
-        hold = reserving.result().hold
+    def _abandon(self, account: Account, request_id: str, taken: Taken) -> None:
+        hold = taken.hold
         if hold is None:
             return
         if hold.shared:

@@ -20,7 +20,7 @@ from plugin.ledger import accounts, store
 from plugin.ledger.models import Customer
 from plugin.ledger.store import BillingRecord, LedgerRow
 from plugin.runtime import Meterline
-from plugin.settings import MeterlineConfig, Settings
+from plugin.settings import MeterlineConfig, Settings, TermsOverride
 
 M = 1_000_000
 HOUR_START = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -288,6 +288,37 @@ async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_bac
             break
         await asyncio.sleep(0.02)
     assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(M, 0)
+
+
+async def test_a_rate_limited_request_cancelled_while_it_reserves_does_not_keep_its_reservation(meterline):
+    """Rate-limited requests reserve one by one (no slices): a request whose client goes away while its
+    reservation is being made releases it once made, rather than holding it for reservation_seconds."""
+    import threading
+
+    capped_customer(meterline, "hasty", hard_limit_credits=1_000_000)
+    accounts.set_terms(meterline.engine, "hasty", terms=TermsOverride(requests_per_minute=100))
+    store_reserve, go_on, grants = meterline.counters.reserve_promptly, threading.Event(), []
+
+    async def slow_reserve(*args, **kwargs):
+        await asyncio.to_thread(go_on.wait, 10)
+        grants.append(await store_reserve(*args, **kwargs))
+        return grants[-1]
+
+    meterline.counters.reserve_promptly = slow_reserve
+    admitting = asyncio.ensure_future(admission.admit(meterline, "hasty", "hasty-0", model="m",
+                                                      asked_max_tokens=None, prompt_tokens=lambda: 0))
+    await asyncio.sleep(0.05)
+    admitting.cancel()
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    account = Account("hasty", datetime(2026, 11, 1, tzinfo=UTC))
+    for _ in range(200):
+        if grants and meterline.counters.snapshot(account, meterline.clock()).reserved_ucr == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert grants[0].granted_ucr > 0  # it was made...
+    assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(0, 0)  # ...and released
 
 
 async def test_a_slice_whose_time_comes_after_the_process_gave_it_back_is_not_given_back_twice(meterline):
