@@ -9,7 +9,10 @@ Reported:
   - throughput at N concurrent: requests/s per side (median of the load runs) and the ratio on/off:
     the median of the ratios of pairs of runs, one per side, seconds apart (the machine's speed
     drifts by more than the plugin costs within a minute), with the pairs' spread;
-  - proxy CPU time per request (user + system, from /proc), per side.
+  - proxy CPU time per request (user + system, from /proc), per side;
+  - the time the 1-concurrent requests spent in meterline's hooks, by step, from the plugin-on
+    proxy's own `meterline_response_path_seconds` histogram (interpolated within its buckets):
+    what the plugin itself adds, without the machine's noise between the two sides.
 
 Run: .venv/bin/python bench/overhead.py  (or `make bench`). Takes about two minutes.
 """
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -51,6 +55,35 @@ def cpu_seconds(pid: int) -> float:
 def percentile(values: list[float], pct: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+STEPS = ("auth", "admission", "billing")
+
+
+async def time_in_meterline(client: httpx.AsyncClient) -> dict[str, list[tuple[float, float]]]:
+    """The plugin-on proxy's `meterline_response_path_seconds` buckets: per step, (upper bound, cumulative count)."""
+    response = await client.get("/meterline/v1/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"})
+    response.raise_for_status()
+    buckets: dict[str, list[tuple[float, float]]] = {step: [] for step in STEPS}
+    for family in text_string_to_metric_families(response.text):
+        if family.name == "meterline_response_path_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    buckets[sample.labels["step"]].append((float(sample.labels["le"]), sample.value))
+    return buckets
+
+
+def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The q-quantile (seconds) of a histogram's cumulative buckets, interpolated within its bucket."""
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank and count > below:
+            if upper == float("inf"):  # past the last bound: say the bound
+                return lower
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower
 
 
 async def latency_phase(clients: dict, sides: dict, count: int) -> dict[str, list[float]]:
@@ -94,7 +127,8 @@ async def throughput_phase(client: httpx.AsyncClient, key: str, count: int, conc
 
 
 async def measure(sides: dict, args) -> dict:
-    results = {name: {"latency": [], "back_to_back": [], "rps": [], "cpu": 0.0, "requests": 0} for name in sides}
+    results = {name: {"latency": [], "back_to_back": [], "rps": [], "cpu": 0.0, "requests": 0,
+                      "timed": {step: [] for step in STEPS}} for name in sides}
     clients = {
         name: httpx.AsyncClient(base_url=side["url"], timeout=60, limits=httpx.Limits(max_connections=args.concurrency + 5))
         for name, side in sides.items()
@@ -103,8 +137,13 @@ async def measure(sides: dict, args) -> dict:
         await latency_phase(clients, sides, 20)  # warm-up: imports, connection pools, first-request caches
         for round_number in range(args.rounds):
             before = {name: cpu_seconds(side["pid"]) for name, side in sides.items()}
+            timed_before = await time_in_meterline(clients["on"])
             for name, samples in (await latency_phase(clients, sides, args.latency_requests)).items():
                 results[name]["latency"] += samples
+            timed_after = await time_in_meterline(clients["on"])
+            for step in STEPS:  # what the 1-concurrent requests of this round added to each bucket
+                results["on"]["timed"][step].append([(upper, after - before) for (upper, after), (_, before)
+                                                     in zip(timed_after[step], timed_before[step], strict=True)])
             order = list(sides.items()) if round_number % 2 == 0 else list(reversed(sides.items()))
             for name, side in order:
                 results[name]["back_to_back"] += await back_to_back_phase(clients[name], side["key"], args.latency_requests)
@@ -142,6 +181,12 @@ def report(results: dict, args) -> str:
         f"{statistics.median(ratios):.3f} (pairs {min(ratios):.3f} to {max(ratios):.3f}) |",
         f"| proxy CPU per request (ms) | {cpu['off']:.2f} | {cpu['on']:.2f} | {cpu['on'] - cpu['off']:+.2f} ms |",
     ]
+    for step in STEPS:  # the rounds' buckets added up
+        rounds = on["timed"][step]
+        summed = [(upper, sum(counts[i][1] for counts in rounds)) for i, (upper, _) in enumerate(rounds[0])]
+        if summed[-1][1]:
+            lines.append(f"| time in meterline, {step}, 1 concurrent: p50 / p99 (ms) | | "
+                         f"{bucket_quantile(summed, 0.5) * 1000:.2f} / {bucket_quantile(summed, 0.99) * 1000:.2f} | |")
     samples = f"{len(on['latency'])} + {len(on['back_to_back'])} latency samples and {len(on['rps'])} load runs of {args.load_requests} per side"
     counters = "counters in Redis" if args.redis else "counters in the ledger's database"
     customer = "a capped customer (reserve + settle)" if args.capped else "an unlimited customer (settle only)"

@@ -26,7 +26,7 @@ from litellm.integrations.custom_logger import CustomLogger
 from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
-from plugin import admission, runtime
+from plugin import admission, metrics, runtime
 from plugin.api import PREFIX, router
 from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
@@ -88,8 +88,9 @@ async def custom_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
         is_master_key(api_key, master_key) and (named is None or directory.knows_customer(named))
     )
     try:
-        # Most requests resolve from memory; only a miss goes to the database, off the event loop.
-        identity = identify(*arguments) if from_memory else await asyncio.to_thread(identify, *arguments)
+        with metrics.AUTH_SECONDS.time():
+            # Most requests resolve from memory; only a miss goes to the database, off the event loop.
+            identity = identify(*arguments) if from_memory else await asyncio.to_thread(identify, *arguments)
     except AuthFailure as failure:
         raise _refuse(failure.reason, failure.message, failure.status) from None
     except UnknownKey:
@@ -134,7 +135,8 @@ class MeterlineLogger(CustomLogger):
             "seal": runtime.PROCESS_SEAL, "ledger_id": _new_ledger_id(), "customer": customer,
             "member": member, "action": action,
         }
-        await _reserve(meterline, data, state)
+        with metrics.ADMISSION_SECONDS.time():
+            await _reserve(meterline, data, state)
         return data
 
     async def async_post_call_failure_hook(self, request_data: dict, original_exception, user_api_key_dict,
@@ -149,12 +151,12 @@ class MeterlineLogger(CustomLogger):
         state = _state(data)
         if state is None or "credits_ucr" in state:
             return response
-        usage = response_usage(response)
-        source = "provider"
-        if usage is None:
-            usage, source = _counted_usage(data, response_text(response)), "litellm"
-        hidden = _hidden_params(response)
-        await _settle(data, state, usage, source, hidden, stream=False)
+        with metrics.BILLING_SECONDS.time():
+            usage = response_usage(response)
+            source = "provider"
+            if usage is None:
+                usage, source = _counted_usage(data, response_text(response)), "litellm"
+            await _settle(data, state, usage, source, _hidden_params(response), stream=False)
         return response
 
     async def async_post_call_streaming_iterator_hook(
@@ -188,13 +190,14 @@ class MeterlineLogger(CustomLogger):
                 _background(_release(_meterline(), state))
             raise
         # The stream is complete: bill it before the client receives the last chunk.
-        usage = tally.usage()
-        source = "provider"
-        if usage is None:
-            usage, source = _counted_usage(request_data, "".join(delivered) + held_text), "litellm"
-        # Hidden params are read from the last chunk only, not copied on every chunk.
-        hidden = {**_hidden_params(held), **wrapper_hidden}
-        await _settle(request_data, state, usage, source, hidden, stream=True, chunks=tally.chunks)
+        with metrics.BILLING_SECONDS.time():
+            usage = tally.usage()
+            source = "provider"
+            if usage is None:
+                usage, source = _counted_usage(request_data, "".join(delivered) + held_text), "litellm"
+            # Hidden params are read from the last chunk only, not copied on every chunk.
+            hidden = {**_hidden_params(held), **wrapper_hidden}
+            await _settle(request_data, state, usage, source, hidden, stream=True, chunks=tally.chunks)
         if held is not None:
             yield held
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine
@@ -34,6 +34,18 @@ REFUSALS = Counter(
 BREAKER_TRIPS = Counter(
     "meterline_breaker_trips", "Circuit breakers this process opened on a spend spike.", registry=REGISTRY,
 )
+RESPONSE_PATH_SECONDS = Histogram(
+    "meterline_response_path_seconds",
+    "Wall time a request spends in meterline on its way in (auth: the key lookup that replaces "
+    "LiteLLM's; admission: breaker, rate limit, ceiling) and out (billing: the ledger row and, for a "
+    "capped customer, its settlement, before the answer is sent).",
+    ["step"], registry=REGISTRY,
+    buckets=(0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05,
+             0.1, 0.5, 2.5),
+)
+AUTH_SECONDS, ADMISSION_SECONDS, BILLING_SECONDS = (RESPONSE_PATH_SECONDS.labels(step)
+                                                    for step in ("auth", "admission", "billing"))
+
 SOFT_LIMIT_NOTICES = Counter(
     "meterline_soft_limit_notices", "Soft-limit thresholds crossed (each fires once per customer and period).",
     registry=REGISTRY,

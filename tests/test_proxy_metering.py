@@ -96,6 +96,26 @@ def test_stream_without_provider_usage_is_billed_from_litellm_count(metered):
     assert row.credits_ucr == expected_ucr(row.prompt_tokens, row.completion_tokens) > 0
 
 
+def response_path_counts(metered) -> dict[str, float]:
+    """How many requests `meterline_response_path_seconds` has timed, by step."""
+    with metered.api() as api:
+        text = api.get("/metrics").text
+    prefix = 'meterline_response_path_seconds_count{step="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def test_the_time_spent_in_meterline_is_a_metric_by_step(metered):
+    """Operators can see what billing adds to each request: auth, admission and billing are timed once per
+    request, streamed or not."""
+    tenant = metered.tenant(f"timed-{unique()}")
+    before = response_path_counts(metered)
+    tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=5 c=1]]"))
+    list(tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=5 c=2]]"), stream=True))
+    after = response_path_counts(metered)
+    assert {step: after[step] - before.get(step, 0) for step in after} == {"auth": 2, "admission": 2, "billing": 2}
+
+
 def test_cache_hit_is_recorded_free_with_what_it_saved(metered, upstream):
     tenant = metered.tenant(f"cache-{unique()}")
     messages = ask(f"cache me {unique()} [[p=50 c=5]]")
