@@ -32,7 +32,7 @@ from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusa
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
 from plugin.slices import Hold
-from plugin.tasks import to_the_end
+from plugin.tasks import in_background, to_the_end
 
 log = logging.getLogger("meterline")
 
@@ -155,17 +155,12 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     return Admitted(customer_id, period.start, limit.ucr, hold, decision.max_tokens, metered=plan.metered)
 
 
-_giving_back: set[asyncio.Task] = set()
-
-
 def _release_abandoned(meterline: Meterline, account: Account, request_id: str, granted: Grant) -> None:
     """Release what the reservation of a request cancelled meanwhile granted: not held until it expires."""
     if granted.granted_ucr is None:
         return
     abandoned = Admitted(account.customer_id, account.period, None, Hold(request_id, granted.granted_ucr, shared=False))
-    task = asyncio.ensure_future(release(meterline, abandoned, request_id))
-    _giving_back.add(task)
-    task.add_done_callback(_giving_back.discard)
+    in_background(release(meterline, abandoned, request_id), "releasing a cancelled request's reservation")
 
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:

@@ -36,6 +36,7 @@ from plugin.metering import FinishedCall, bill
 from plugin.pricing import Usage
 from plugin.slices import Hold
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
+from plugin.tasks import in_background
 
 log = logging.getLogger("meterline")
 
@@ -185,9 +186,9 @@ class MeterlineLogger(CustomLogger):
             if delivered:
                 usage = _counted_usage(request_data, "".join(delivered))
                 hidden = {**_hidden_params(held), **wrapper_hidden}
-                _background(_settle(request_data, state, usage, "delivered", hidden, stream=True))
+                in_background(_settle(request_data, state, usage, "delivered", hidden, stream=True), "billing")
             elif state.get("admitted", {}).get("hold"):
-                _background(_release(_meterline(), state))
+                in_background(_release(_meterline(), state), "releasing a reservation")
             raise
         # The stream is complete: bill it before the client receives the last chunk.
         with metrics.BILLING_SECONDS.time():
@@ -256,7 +257,7 @@ async def _settle(
     except Exception as exc:
         log.error("meterline: could not record ledger row %s: %s", call.ledger_id, exc.__class__.__name__)
         if admitted is not None and admitted.hold is not None:
-            _background(_release(meterline, state))
+            in_background(_release(meterline, state), "releasing a reservation")
         raise _refuse(
             "billing_unavailable",
             "The request could not be recorded for billing, so its answer was withheld. Try again shortly.",
@@ -267,7 +268,7 @@ async def _settle(
         if admitted.cap_ucr is not None:  # unknown (counters down): no header rather than a wrong one
             state["remaining"] = None if billed.settled is None else admission.remaining_ucr(
                 meterline, admitted, billed.settled)
-        _background(billed.after)
+        in_background(billed.after, "the checks after a bill")
     state["credits_ucr"] = written.entry.credits_ucr
 
 
@@ -333,22 +334,6 @@ def _counted_usage(data: Mapping, completion_text: str) -> Usage:
     prompt = litellm.token_counter(model=model, messages=messages) if isinstance(messages, list) and messages else 0
     completion = litellm.token_counter(model=model, text=completion_text) if completion_text else 0
     return Usage(prompt_tokens=int(prompt), completion_tokens=int(completion))
-
-
-_background_tasks: set[asyncio.Task] = set()
-
-
-def _background(coroutine) -> None:
-    """Run a coroutine to completion even though its caller is going away; log if it fails."""
-    task = asyncio.ensure_future(coroutine)
-    _background_tasks.add(task)
-    task.add_done_callback(_finished_in_background)
-
-
-def _finished_in_background(task: asyncio.Task) -> None:
-    _background_tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("meterline: background billing failed: %s", task.exception().__class__.__name__)
 
 
 # ------------------------------------------------------------------------------ start-up

@@ -16,7 +16,7 @@ from functools import partial
 from plugin.counters.base import Account, CounterError, CounterStore
 from plugin.policy import Ask
 from plugin.slices import Hold, Slice
-from plugin.tasks import to_the_end
+from plugin.tasks import in_background, to_the_end
 
 log = logging.getLogger("meterline")
 
@@ -43,7 +43,6 @@ class SliceBook:
         self._leasing: dict[Account, asyncio.Future] = {}
         self._per_request_until: dict[Account, datetime] = {}
         """Accounts near their ceiling: no spare was granted, so requests reserve for themselves until then."""
-        self._tasks: set[asyncio.Future] = set()
 
     async def take(self, account: Account, request_id: str, ask: Ask, *, cap_ucr: int, now: datetime) -> Taken:
         """Admit a capped request from this process's slice of the account, or lease a new slice (one
@@ -101,7 +100,7 @@ class SliceBook:
         if hold.shared:
             self.end(hold, request_id, 0)
         else:
-            self._in_background(self._release, account, hold.reservation_id)
+            in_background(asyncio.to_thread(self._release, account, hold.reservation_id), "giving back a reservation")
 
     async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
                            reservation_id: str) -> Taken:
@@ -142,12 +141,7 @@ class SliceBook:
 
     def _give_back(self, account: Account, lease: Slice) -> None:
         if self._open.pop(lease.lease_id, None) is not None:  # not given back already (by `close`)
-            self._in_background(self._release, account, lease.lease_id)
-
-    def _in_background(self, call, *args) -> None:
-        task = asyncio.ensure_future(asyncio.to_thread(call, *args))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            in_background(asyncio.to_thread(self._release, account, lease.lease_id), "giving back a budget slice")
 
     def _release(self, account: Account, lease_id: str) -> None:
         try:

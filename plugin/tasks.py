@@ -3,10 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("meterline")
+
+_running: set[asyncio.Future] = set()
+"""Work started by `in_background`: asyncio keeps only weak references to tasks."""
+
+
+def in_background(work: Awaitable[object], what: str) -> None:
+    """Run `work` to its end although nobody awaits it (its answer has gone out, or its caller went
+    away); a failure is logged as `what`."""
+    task = asyncio.ensure_future(work)
+    _running.add(task)
+    task.add_done_callback(partial(_finished, what))
+
+
+def _finished(what: str, task: asyncio.Future) -> None:
+    _running.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("meterline: %s failed in the background: %s", what, task.exception().__class__.__name__)
 
 
 async def to_the_end(work: Awaitable[T], if_abandoned: Callable[[T], None]) -> T:

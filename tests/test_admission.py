@@ -255,26 +255,35 @@ async def test_near_the_ceiling_requests_reserve_for_themselves_and_the_cap_hold
     assert made[0].startswith("slice_") and not any(made_id.startswith("slice_") for made_id in made[1:])
 
 
-async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_back(meterline):
-    """The client goes away while the counter store is making the slice: the slice still arrives and
-    is used, the cancelled request holds nothing of it, and it is given back when its time is up."""
+async def admission_cancelled_while_reserving(meterline: Meterline, customer_id: str) -> list:
+    """Admit a request of `customer_id` and cancel it (its client went away) while the counter store is
+    still making its reservation, which then completes; returns what the store granted."""
     import threading
 
-    full = capped_customer(meterline, "leaver", hard_limit_credits=1_000_000)
-    store_reserve, go_on = meterline.counters.reserve_promptly, threading.Event()
+    store_reserve, go_on, grants = meterline.counters.reserve_promptly, threading.Event(), []
 
     async def slow_reserve(*args, **kwargs):
         await asyncio.to_thread(go_on.wait, 10)
-        return await store_reserve(*args, **kwargs)
+        grants.append(await store_reserve(*args, **kwargs))
+        return grants[-1]
 
     meterline.counters.reserve_promptly = slow_reserve
-    admitting = asyncio.ensure_future(admission.admit(meterline, "leaver", "leaver-0", model="m",
+    admitting = asyncio.ensure_future(admission.admit(meterline, customer_id, f"{customer_id}-0", model="m",
                                                       asked_max_tokens=None, prompt_tokens=lambda: 0))
     await asyncio.sleep(0.05)
     admitting.cancel()
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await admitting
+    meterline.counters.reserve_promptly = store_reserve
+    return grants
+
+
+async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_back(meterline):
+    """The client goes away while the counter store is making the slice: the slice still arrives and
+    is used, the cancelled request holds nothing of it, and it is given back when its time is up."""
+    full = capped_customer(meterline, "leaver", hard_limit_credits=1_000_000)
+    await admission_cancelled_while_reserving(meterline, "leaver")
     account = Account("leaver", datetime(2026, 11, 1, tzinfo=UTC))
     for _ in range(100):
         if meterline.slices.room(account) == 32 * full:
@@ -293,25 +302,9 @@ async def test_a_request_cancelled_while_its_slice_is_leased_gives_its_share_bac
 async def test_a_rate_limited_request_cancelled_while_it_reserves_does_not_keep_its_reservation(meterline):
     """Rate-limited requests reserve one by one (no slices): a request whose client goes away while its
     reservation is being made releases it once made, rather than holding it for reservation_seconds."""
-    import threading
-
     capped_customer(meterline, "hasty", hard_limit_credits=1_000_000)
     accounts.set_terms(meterline.engine, "hasty", terms=TermsOverride(requests_per_minute=100))
-    store_reserve, go_on, grants = meterline.counters.reserve_promptly, threading.Event(), []
-
-    async def slow_reserve(*args, **kwargs):
-        await asyncio.to_thread(go_on.wait, 10)
-        grants.append(await store_reserve(*args, **kwargs))
-        return grants[-1]
-
-    meterline.counters.reserve_promptly = slow_reserve
-    admitting = asyncio.ensure_future(admission.admit(meterline, "hasty", "hasty-0", model="m",
-                                                      asked_max_tokens=None, prompt_tokens=lambda: 0))
-    await asyncio.sleep(0.05)
-    admitting.cancel()
-    go_on.set()
-    with pytest.raises(asyncio.CancelledError):
-        await admitting
+    grants = await admission_cancelled_while_reserving(meterline, "hasty")
     account = Account("hasty", datetime(2026, 11, 1, tzinfo=UTC))
     for _ in range(200):
         if grants and meterline.counters.snapshot(account, meterline.clock()).reserved_ucr == 0:
