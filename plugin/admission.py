@@ -236,8 +236,11 @@ class Bill:
     record: BillingRecord
     """As written (clamped to the ceiling if an estimate fell short)."""
     settled: Settled | None
-    """The counters' settlement, for the `x-meterline-remaining` header; None when it is not made yet
-    (`after` makes it) or the counters could not answer."""
+    """The counters' settlement; None when it is not made yet (`after` makes it) or the counters could
+    not answer."""
+    remaining_ucr: int | None
+    """What a customer with a ceiling can still spend (the `x-meterline-remaining` header); None
+    without a ceiling or when the counters could not answer."""
     after: Coroutine[object, object, None]
     """The checks after a bill (soft limits, the breaker), after the counters' settlement when it was deferred."""
 
@@ -257,6 +260,7 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     if not admitted.metered:
         record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
+    room_before = meterline.slices.room(account)
     actual, now, hold = record.entry.credits_ucr, meterline.clock(), admitted.hold
     reservation = record.entry.id if hold is None else hold.reservation_id
     # A shared slice: the store takes this request's part only, at most what it holds (an overshoot is
@@ -273,9 +277,10 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
             return within(pending, settled)
 
         written = await meterline.writer.write(record, settle_with_ledger)
-        _ended(meterline, admitted, record.entry.id, actual)
         settled = outcome[0] if outcome else None
-        return Bill(written, settled, after_settle(meterline, admitted, settled))
+        _ended(meterline, admitted, record.entry.id, actual)
+        remaining = _remaining(meterline, admitted, settled, room_before)
+        return Bill(written, settled, remaining, after_settle(meterline, admitted, settled))
 
     terms = {"cap_ucr": admitted.cap_ucr, "now": now, "portion_ucr": portion}
 
@@ -296,10 +301,11 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
                                          already_in_ledger=True)
             await after_settle(meterline, admitted, await settled_in_redis(settling))
 
-        return Bill(written, None, settle_then_check())
+        return Bill(written, None, None, settle_then_check())
     settled = await settled_in_redis(meterline.counters.settle_promptly(account, reservation, actual, **terms))
+    remaining = _remaining(meterline, admitted, settled, room_before)
     written = await meterline.writer.write(record if settled is None else within(record, settled))
-    return Bill(written, settled, after_settle(meterline, admitted, settled))
+    return Bill(written, settled, remaining, after_settle(meterline, admitted, settled))
 
 
 def _ended(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr: int) -> None:
@@ -310,12 +316,25 @@ def _ended(meterline: Meterline, admitted: Admitted, request_id: str, actual_ucr
         meterline.slices.end(hold, request_id, min(actual_ucr, hold.ucr))
 
 
-def remaining_ucr(meterline: Meterline, admitted: Admitted, settled: Settled) -> int:
-    """µcr a customer with a ceiling can still spend after this call. What this process holds in its
-    budget slice is counted as reserved in the store but is still the customer's to spend."""
-    assert admitted.cap_ucr is not None
-    spare = meterline.slices.room(Account(admitted.customer_id, admitted.period_start))
-    return max(0, admitted.cap_ucr - settled.used_ucr - settled.reserved_ucr + spare)
+def _remaining(meterline: Meterline, admitted: Admitted, settled: Settled | None, room_before_ucr: int) -> int | None:
+    """`remaining_ucr` for this call. The slice's room is read before the settlement and once its answer
+    is in (this request's share given back): the smaller counts, since a slice leased in between may
+    be missing from the settlement's figures."""
+    if admitted.cap_ucr is None or settled is None:
+        return None
+    hold = admitted.hold
+    # What the request held and did not spend is back in the room by now (`_ended`), and was in the store's figures.
+    unspent = hold.ucr - min(settled.billed_ucr, hold.ucr) if hold is not None and hold.shared else 0
+    room_now = meterline.slices.room(Account(admitted.customer_id, admitted.period_start))
+    return remaining_ucr(admitted.cap_ucr, settled, min(room_before_ucr + unspent, room_now))
+
+
+def remaining_ucr(cap_ucr: int, settled: Settled, slice_room_ucr: int) -> int:
+    """µcr a customer with a ceiling can still spend after a call. What this process holds in its
+    budget slice (`slice_room_ucr`) is counted as reserved in the store but is still the customer's
+    to spend; never more than what is not billed yet."""
+    unbilled = cap_ucr - settled.used_ucr
+    return max(0, min(unbilled, unbilled - settled.reserved_ucr + slice_room_ucr))
 
 
 def within(record: BillingRecord, settled: Settled) -> BillingRecord:

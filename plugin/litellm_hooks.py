@@ -265,9 +265,8 @@ async def _settle(
         ) from None
     if billed is not None:
         state["admitted"]["hold"] = None
-        if admitted.cap_ucr is not None:  # unknown (counters down): no header rather than a wrong one
-            state["remaining"] = None if billed.settled is None else admission.remaining_ucr(
-                meterline, admitted, billed.settled)
+        if admitted.cap_ucr is not None:  # None when unknown (counters down): no header rather than a wrong one
+            state["remaining"] = billed.remaining_ucr
         in_background(billed.after, "the checks after a bill")
     state["credits_ucr"] = written.entry.credits_ucr
 

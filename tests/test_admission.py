@@ -169,6 +169,14 @@ def capped_customer(meterline: Meterline, customer_id: str, hard_limit_credits: 
     return meterline.estimate("m", 0, None).cost(meterline.config.policies.reservation_output_tokens)
 
 
+def test_what_is_left_counts_the_slice_room_and_never_exceeds_what_is_not_billed():
+    settled = Settled(billed_ucr=5, used_ucr=100, reserved_ucr=10, hour_ucr=5, previous_hour_ucr=0)
+    assert admission.remaining_ucr(1000, settled, slice_room_ucr=0) == 890
+    assert admission.remaining_ucr(1000, settled, slice_room_ucr=10) == 900  # the room is this process's to spend
+    assert admission.remaining_ucr(1000, settled, slice_room_ucr=50) == 900  # a room missing from the figures
+    assert admission.remaining_ucr(100, settled, slice_room_ucr=0) == 0
+
+
 def counting_reservations(meterline: Meterline) -> list[str]:
     """Record each counter-store reservation (the real store still makes it)."""
     made: list[str] = []
@@ -198,7 +206,8 @@ async def test_a_capped_customer_is_admitted_from_a_budget_slice_with_one_reserv
                                      prompt_tokens=lambda: 0)
     assert meterline.slices.room(account) == room - full
     settled = Settled(0, 40 * M, room, 0, 0)
-    assert admission.remaining_ucr(meterline, admitted, settled) == 1_000_000 * M - 40 * M - full
+    assert admission.remaining_ucr(admitted.cap_ucr, settled, meterline.slices.room(account)) == \
+        1_000_000 * M - 40 * M - full
     await admission.release(meterline, admitted, "capped-x")
     await admission.release(meterline, admitted, "capped-x")  # twice: no harm
     assert meterline.slices.room(account) == room
