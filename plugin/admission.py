@@ -157,10 +157,9 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
 
 def _release_abandoned(meterline: Meterline, account: Account, request_id: str, granted: Grant) -> None:
     """Release what the reservation of a request cancelled meanwhile granted: not held until it expires."""
-    if granted.granted_ucr is None:
-        return
-    abandoned = Admitted(account.customer_id, account.period, None, Hold(request_id, granted.granted_ucr, shared=False))
-    in_background(release(meterline, abandoned, request_id), "releasing a cancelled request's reservation")
+    if granted.granted_ucr is not None:
+        in_background(asyncio.to_thread(meterline.slices.release, account, request_id),
+                      "releasing a cancelled request's reservation")
 
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:
@@ -356,11 +355,8 @@ async def release(meterline: Meterline, admitted: Admitted, request_id: str) -> 
     if hold.shared:
         _ended(meterline, admitted, request_id, 0)
         return
-    try:
-        await asyncio.to_thread(meterline.counters.release, Account(admitted.customer_id, admitted.period_start),
-                                hold.reservation_id)
-    except CounterError as error:  # it expires by itself after policies.reservation_seconds
-        log.warning("meterline: could not release %s: %s", hold.reservation_id, error)
+    await asyncio.to_thread(meterline.slices.release, Account(admitted.customer_id, admitted.period_start),
+                            hold.reservation_id)
 
 
 async def after_settle(meterline: Meterline, admitted: Admitted, settled: Settled | None) -> None:

@@ -100,7 +100,7 @@ class SliceBook:
         if hold.shared:
             self.end(hold, request_id, 0)
         else:
-            in_background(asyncio.to_thread(self._release, account, hold.reservation_id), "giving back a reservation")
+            in_background(asyncio.to_thread(self.release, account, hold.reservation_id), "giving back a reservation")
 
     async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
                            reservation_id: str) -> Taken:
@@ -141,18 +141,21 @@ class SliceBook:
 
     def _give_back(self, account: Account, lease: Slice) -> None:
         if self._open.pop(lease.lease_id, None) is not None:  # not given back already (by `close`)
-            in_background(asyncio.to_thread(self._release, account, lease.lease_id), "giving back a budget slice")
+            in_background(asyncio.to_thread(self.release, account, lease.lease_id), "giving back a budget slice")
 
-    def _release(self, account: Account, lease_id: str) -> None:
+    def release(self, account: Account, reservation_id: str) -> None:
+        """End a reservation this process holds in the counter store, a slice or a single request's
+        (blocking: call it off the event loop). If the store cannot answer, it expires by itself."""
         try:
-            self.counters.release(account, lease_id)
-        except CounterError as error:  # it expires by itself
-            log.warning("meterline: could not give back budget slice %s: %s", lease_id, error)
+            self.counters.release(account, reservation_id)
+        except CounterError as error:
+            log.warning("meterline: could not release reservation %s (it expires by itself): %s", reservation_id,
+                        error)
 
     def close(self) -> None:
         """Give back every slice still held (the process is stopping); what cannot be reached expires."""
         for lease_id, (account, _) in list(self._open.items()):
-            self._release(account, lease_id)
+            self.release(account, lease_id)
         self._open.clear()
         self._admitting.clear()
 
