@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugin.ledger import store  # noqa: E402
 from plugin.ledger.store import make_engine  # noqa: E402
-from plugin.settings import MeterlineConfig  # noqa: E402
+from plugin.settings import MeterlineConfig, Settings  # noqa: E402
 from plugin.stripe_setup import StripeSetup  # noqa: E402
 from tests.support.delivery import PRICED_YAML, stripe_env  # noqa: E402
 from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy  # noqa: E402
@@ -215,7 +215,10 @@ def main() -> None:
         work = Path(tmp)
         url = f"sqlite:///{work / 'ledger.db'}"
         engine = make_engine(url)
-        env, stripe_id, emulator, plan = {}, None, None, "pro"
+        # The proxy's own default for how long a key and a customer's terms are remembered (the tests'
+        # run_proxy shortens it to 1 s, so that their changes apply quickly).
+        env = {"METERLINE_KEY_CACHE_SECONDS": str(Settings.model_fields["key_cache_seconds"].default)}
+        stripe_id, emulator, plan = None, None, "pro"
         # A benchmark is a runaway loop by design: the breaker's floor is set far above what a run spends
         # (its check still runs on every request).
         meterline_yaml = METERLINE_YAML | {"policies": {"breaker": {"floor_credits_per_hour": "1000000"}}}

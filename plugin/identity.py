@@ -9,14 +9,20 @@ Rules (DESIGN.md "who is billed"):
 
 from __future__ import annotations
 
+import copy
 import hmac
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel
 
 CUSTOMER_HEADER = "x-meterline-customer"
 ACTION_HEADER = "x-meterline-action"
 METADATA_KEY = "meterline_customer"
 NO_LABEL = "-"
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -109,3 +115,17 @@ def request_labels(body: Mapping[str, object], headers: Mapping[str, str]) -> tu
         member.strip()[:255] if isinstance(member, str) and member.strip() else NO_LABEL,
         action.strip()[:255] if isinstance(action, str) and action.strip() else NO_LABEL,
     )
+
+
+class Template(Generic[Model]):
+    """A validated model to hand out copies of, each with lists, dicts and sets of its own (one level
+    deep): what a request's handling changes in its copy reaches neither the template nor other
+    copies. Copying skips the validation, which for LiteLLM's 120-field UserAPIKeyAuth costs five
+    times as much."""
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self._mutable = tuple(name for name, value in model.__dict__.items() if isinstance(value, (dict, list, set)))
+
+    def copy(self) -> Model:
+        return self._model.model_copy(update={name: copy.copy(getattr(self._model, name)) for name in self._mutable})

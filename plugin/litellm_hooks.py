@@ -14,6 +14,7 @@ LiteLLM may load this file once per reference in the config, so state lives in p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -29,8 +30,8 @@ from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAut
 from plugin import admission, metrics, runtime
 from plugin.api import PREFIX, router
 from plugin.identity import (
-    CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify, is_master_key,
-    request_labels,
+    CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify,
+    Template, is_master_key, request_labels,
 )
 from plugin.metering import FinishedCall, bill
 from plugin.pricing import Usage
@@ -96,15 +97,23 @@ async def custom_auth(request: Request, api_key: str) -> UserAPIKeyAuth:
         raise _refuse(failure.reason, failure.message, failure.status) from None
     except UnknownKey:
         raise PermissionError("not a meterline key") from None  # custom_auth_settings.mode=auto: LiteLLM decides
-    metadata = {METADATA_KEY: identity.customer_id} if identity.customer_id else {}
     if identity.operator:
         return UserAPIKeyAuth(
-            api_key="meterline-operator", user_id="meterline-operator",
-            user_role=LitellmUserRoles.PROXY_ADMIN, metadata=metadata,
+            api_key="meterline-operator", user_id="meterline-operator", user_role=LitellmUserRoles.PROXY_ADMIN,
+            metadata={METADATA_KEY: identity.customer_id} if identity.customer_id else {},
         )
-    return UserAPIKeyAuth(
-        api_key=f"meterline-customer:{identity.customer_id}", user_id=identity.customer_id, metadata=metadata
-    )
+    return _customer_auth(identity.customer_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _customer_auth_template(customer_id: str) -> Template[UserAPIKeyAuth]:
+    return Template(UserAPIKeyAuth(api_key=f"meterline-customer:{customer_id}", user_id=customer_id,
+                                   metadata={METADATA_KEY: customer_id}))
+
+
+def _customer_auth(customer_id: str) -> UserAPIKeyAuth:
+    """The customer's UserAPIKeyAuth, validated once per customer and copied per request."""
+    return _customer_auth_template(customer_id).copy()
 
 
 # ------------------------------------------------------------------------------ metering

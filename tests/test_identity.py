@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from litellm.proxy._types import UserAPIKeyAuth
 
-from plugin.identity import AuthFailure, Identity, UnknownKey, customer_from_metadata, identify, request_labels
+from plugin.identity import (
+    AuthFailure, Identity, Template, UnknownKey, customer_from_metadata, identify, request_labels,
+)
 
 MASTER = "sk-master-0123456789"
 KEYS = {"mk_alice_key": "acme", "mk_bob_key": "globex"}
@@ -178,3 +180,15 @@ def test_labels_are_trimmed_and_capped_at_255_characters():
     member, action = request_labels({"user": "  " + "m" * 300, "metadata": {"action": "a" * 300 + " "}}, {})
     assert member == "m" * 255
     assert action == "a" * 255
+
+
+def test_copies_of_a_template_share_no_list_or_dict_with_it_or_each_other():
+    template = Template(UserAPIKeyAuth(api_key="meterline-customer:acme", user_id="acme",
+                                       metadata={"meterline_customer": "acme"}))
+    first, second = template.copy(), template.copy()
+    assert first.model_dump() == second.model_dump() == UserAPIKeyAuth(
+        api_key="meterline-customer:acme", user_id="acme", metadata={"meterline_customer": "acme"}).model_dump()
+    first.metadata["tags"] = ["changed by one request"]
+    first.models.append("gpt-4o")
+    assert resolve(second) == "acme" and "tags" not in second.metadata and second.models == []
+    assert "tags" not in template.copy().metadata and template.copy().models == []
