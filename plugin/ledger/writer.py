@@ -93,24 +93,24 @@ class LedgerWriter:
                 batch.append(item)
             self._committing = True
             try:
-                self._commit(batch)
+                written, error = self._commit(batch)
             finally:
+                # Before the waiters wake: a row written by one of them at once may be committed inline.
                 self._committing = False
+            for pending in batch:
+                # A row already in the ledger (a repeated write) is answered with the record as given.
+                _resolve(pending, None if error else written.get(pending.record.entry.id, pending.record), error)
             if stop_after:
                 return
 
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _commit(self, batch: list[_Pending]) -> tuple[dict[str, BillingRecord], Exception | None]:
+        """The batch's records as written, or the failure every waiter must hear, whatever it is."""
         settlements = {pending.record.entry.id: pending.settle for pending in batch if pending.settle is not None}
         try:
-            written = record_batch(self._engine, [pending.record for pending in batch], settlements)
-        except Exception as exc:  # every waiter must hear the outcome, whatever it is
+            return record_batch(self._engine, [pending.record for pending in batch], settlements), None
+        except Exception as exc:
             log.error("ledger write of %d rows failed: %s", len(batch), exc.__class__.__name__)
-            for pending in batch:
-                _resolve(pending, None, exc)
-            return
-        for pending in batch:
-            # A row already in the ledger (a repeated write) is answered with the record as given.
-            _resolve(pending, written.get(pending.record.entry.id, pending.record), None)
+            return {}, exc
 
 
 def _resolve(pending: _Pending, record: BillingRecord | None, error: BaseException | None) -> None:
