@@ -254,7 +254,7 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     first, promptly (`settle_promptly`: on the event loop when Redis answers within a millisecond):
     the row must not bill past the ceiling, and the answer reports what is left. For a customer
     without one the bill is the usage whatever the counters say, so the row is written first and
-    the counters follow on a worker thread, off the response path (`Bill.after`). If Redis cannot
+    the counters follow, promptly too, off the response path (`Bill.after`). If Redis cannot
     answer, the call is billed in full and logged."""
     if not admitted.metered:
         record = replace(record, meter=False)
@@ -296,9 +296,8 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     if admitted.cap_ucr is None:
         written = await meterline.writer.write(record)
 
-        async def settle_then_check() -> None:  # off the response path: a worker thread, the event loop never waits
-            settling = asyncio.to_thread(meterline.counters.settle, account, reservation, actual, **terms,
-                                         already_in_ledger=True)
+        async def settle_then_check() -> None:  # off the response path; promptly, as a hop to a thread per bill costs CPU
+            settling = meterline.counters.settle_promptly(account, reservation, actual, **terms, already_in_ledger=True)
             await after_settle(meterline, admitted, await settled_in_redis(settling))
 
         return Bill(written, None, None, settle_then_check())

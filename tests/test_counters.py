@@ -144,15 +144,23 @@ def test_counters_start_from_what_the_ledger_billed_this_period(counters, ledger
     assert counters.snapshot(ACME, NOW) == Snapshot(9000, 1000)
 
 
-def test_a_bill_already_in_the_ledger_is_counted_once_when_the_account_starts_from_it(counters, ledger_engine):
+@pytest.mark.parametrize("promptly", [False, True], ids=["settle", "settle_promptly"])
+async def test_a_bill_already_in_the_ledger_is_counted_once_when_the_account_starts_from_it(
+        counters, ledger_engine, promptly):
     """Counters of a customer without a ceiling follow the ledger: its row is committed before the
     settlement, so an account started from the ledger at that moment must not add it again."""
+
+    async def settle(call_id: str, bill: int) -> Settled:
+        if promptly:
+            return await counters.settle_promptly(ACME, call_id, bill, cap_ucr=None, now=NOW, already_in_ledger=True)
+        return counters.settle(ACME, call_id, bill, cap_ucr=None, now=NOW, already_in_ledger=True)
+
     bill_in_ledger(ledger_engine, 9000, NOW, "earlier")
     bill_in_ledger(ledger_engine, 700, NOW, "this-call")
-    first = counters.settle(ACME, "this-call", 700, cap_ucr=None, now=NOW, already_in_ledger=True)
+    first = await settle("this-call", 700)
     assert (first.billed_ucr, first.used_ucr) == (700, 9700)
     bill_in_ledger(ledger_engine, 300, NOW, "next-call")
-    second = counters.settle(ACME, "next-call", 300, cap_ucr=None, now=NOW, already_in_ledger=True)
+    second = await settle("next-call", 300)
     assert (second.billed_ucr, second.used_ucr) == (300, 10_000)
     assert counters.snapshot(ACME, NOW) == Snapshot(10_000, 0)
 
