@@ -261,8 +261,9 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
     account = Account(admitted.customer_id, admitted.period_start)
     room_before = meterline.slices.room(account)
     actual, now, hold = record.entry.credits_ucr, meterline.clock(), admitted.hold
+    held_as = None if hold is None else hold.reservation_id
     # Without a hold Redis still looks under the request's id, for a reservation whose answer was lost.
-    reservation = record.entry.id if hold is None else hold.reservation_id
+    reservation = held_as or record.entry.id
     # A shared slice: the store takes this request's part only, at most what it holds (an overshoot is
     # billed from what is free, like any request's), so the slice's room stays exactly what is left of it.
     portion = min(actual, hold.ucr) if hold is not None and hold.shared else None
@@ -271,8 +272,8 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         outcome: list[Settled] = []
 
         def settle_with_ledger(connection, pending: BillingRecord) -> BillingRecord:
-            settled = in_ledger.settle_on(connection, account, None if hold is None else hold.reservation_id, actual,
-                                          cap_ucr=admitted.cap_ucr, now=now, portion_ucr=portion)
+            settled = in_ledger.settle_on(connection, account, held_as, actual, cap_ucr=admitted.cap_ucr, now=now,
+                                          portion_ucr=portion)
             outcome[:] = [settled]
             return within(pending, settled)
 
