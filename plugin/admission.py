@@ -32,7 +32,7 @@ from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusa
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
 from plugin.slices import Hold
-from plugin.tasks import in_background, to_the_end
+from plugin.tasks import to_the_end
 
 log = logging.getLogger("meterline")
 
@@ -158,8 +158,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
 def _release_abandoned(meterline: Meterline, account: Account, request_id: str, granted: Grant) -> None:
     """Release what the reservation of a request cancelled meanwhile granted: not held until it expires."""
     if granted.granted_ucr is not None:
-        in_background(asyncio.to_thread(meterline.slices.release, account, request_id),
-                      "releasing a cancelled request's reservation")
+        meterline.slices.release_later(account, request_id, "releasing a cancelled request's reservation")
 
 
 async def _through_breaker(meterline: Meterline, known: Profile, now: datetime) -> None:

@@ -100,7 +100,7 @@ class SliceBook:
         if hold.shared:
             self.end(hold, request_id, 0)
         else:
-            in_background(asyncio.to_thread(self.release, account, hold.reservation_id), "giving back a reservation")
+            self.release_later(account, hold.reservation_id, "giving back a reservation")
 
     async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
                            reservation_id: str) -> Taken:
@@ -141,7 +141,7 @@ class SliceBook:
 
     def _give_back(self, account: Account, lease: Slice) -> None:
         if self._open.pop(lease.lease_id, None) is not None:  # not given back already (by `close`)
-            in_background(asyncio.to_thread(self.release, account, lease.lease_id), "giving back a budget slice")
+            self.release_later(account, lease.lease_id, "giving back a budget slice")
 
     def release(self, account: Account, reservation_id: str) -> None:
         """End a reservation this process holds in the counter store, a slice or a single request's
@@ -151,6 +151,10 @@ class SliceBook:
         except CounterError as error:
             log.warning("meterline: could not release reservation %s (it expires by itself): %s", reservation_id,
                         error)
+
+    def release_later(self, account: Account, reservation_id: str, what: str) -> None:
+        """`release` on a worker thread, awaited by nobody (a failure is logged as `what`)."""
+        in_background(asyncio.to_thread(self.release, account, reservation_id), what)
 
     def close(self) -> None:
         """Give back every slice still held (the process is stopping); what cannot be reached expires."""
