@@ -230,7 +230,9 @@ def test_relay_worker_killed_mid_batch_loses_and_doubles_nothing(tmp_path, emula
     worker = subprocess.Popen([METERLINE_BIN, "relay"], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: sum(e["identifier"] in ids for e in emulator.meter_events()) >= 30, what="some deliveries")
+        # Killed while it holds a leased batch (between two batches it holds none, and the kill would prove little).
+        wait_for(lambda: sum(e["identifier"] in ids for e in emulator.meter_events()) >= 30
+                 and bool(outbox.list_events(engine, status="sending", limit=1)), what="some deliveries, a batch in flight")
         worker.send_signal(signal.SIGKILL)
         worker.wait(10)
     finally:

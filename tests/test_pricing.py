@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from plugin.pricing import (
     CreditRule,
+    LinearPrice,
     ProviderPrice,
     Usage,
     Weights,
     price,
     price_from_model_cost,
+    _half_up,
     round_half_up,
     usd_per_token_from_table,
 )
@@ -370,6 +372,28 @@ def test_amounts_are_always_plain_ints(usage, rule, provider):
     assert type(charge.credits_ucr) is int
     assert type(charge.provider_cost_uusd) is int
     assert charge.credits_ucr >= 0 and charge.provider_cost_uusd >= 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(usages(), rules, provider_prices)
+def test_linear_price_charges_exactly_what_price_charges(usage, rule, provider):
+    """The billing path's integer form (PriceBook.charge) against the reference, to the last µcr and µUSD."""
+    assert LinearPrice.of(rule, provider).charge(usage) == price(usage, rule, provider)
+
+
+@pytest.mark.parametrize(("numerator", "denominator"), [(1, 2), (3, 2), (-1, 2), (-3, 2), (5, 3), (-5, 3), (0, 7), (7, 7)])
+def test_integer_half_up_matches_round_half_up(numerator, denominator):
+    assert _half_up(numerator, denominator) == round_half_up(Fraction(numerator, denominator))
+
+
+def test_price_book_charge_is_price_of_the_model_rule_and_price():
+    book = build_price_book(MeterlineConfig.model_validate({"pricing": {"tokens_per_credit": 7}}),
+                            {"gpt-x": {"input_cost_per_token": 3e-07, "output_cost_per_token": 1.2e-06}})
+    usage = Usage(prompt_tokens=1234, completion_tokens=567, cached_tokens=200)
+    expected = price(usage, book.rule_for("grp"), book.price_for("grp", "openai/gpt-x", "gpt-x"))
+    assert expected.provider_cost_uusd == 1051 and expected.priced  # 1034 x 0.3 + 200 x 0.3 + 567 x 1.2 µUSD
+    assert book.charge(usage, "grp", "openai/gpt-x") == expected
+    assert book.charge(usage, "grp", "openai/gpt-x") == expected  # remembered, same answer
 
 
 FIELDS = list(Usage.__dataclass_fields__)

@@ -6,8 +6,8 @@ and Postgres locks the row before anything is read: a concurrent request waits i
 deciding from stale numbers. The decisions are `plugin.policy.grant` / `settle` and
 `plugin.ratelimit.admits`, called as is.
 
-Every statement is built once, with bind parameters, below: building and cache-keying a
-SQLAlchemy statement per call cost four times more than running it.
+Every statement is built once, with bind parameters, below, and run as prepared
+(`plugin.ledger.prepared`): SQLAlchemy's work per execution cost several times the statement's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot, hour_index
 from plugin.ledger.models import CounterRow, RateWindow, ReservationRow, SpendHour
+from plugin.ledger.prepared import Prepared
 from plugin.ledger.store import billed_since
 from plugin.policy import Ask, Ceiling, Refusal, grant, settle
 from plugin.ratelimit import RateLimit, admits, window_index
@@ -38,33 +39,34 @@ _INSERT = {"postgresql": pg_insert, "sqlite": sqlite_insert}
 _ACCOUNT = (_COUNTERS.c.customer_id == bindparam("customer"), _COUNTERS.c.period == bindparam("account_period"))
 _ITS_RESERVATIONS = (_RESERVATIONS.c.customer_id == bindparam("customer"),
                      _RESERVATIONS.c.period == bindparam("account_period"))
-_LOCK = (update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=_COUNTERS.c.used_ucr)
-         .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr))
+_LOCK = Prepared(update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=_COUNTERS.c.used_ucr)
+                 .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr))
 """The no-op write that takes the locks, returning (used, reserved); no row: a new account."""
-_SET = update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=bindparam("used"), reserved_ucr=bindparam("reserved"))
-_ADD = (update(_COUNTERS).where(*_ACCOUNT)
-        .values(used_ucr=_COUNTERS.c.used_ucr + bindparam("bill"),
-                reserved_ucr=_COUNTERS.c.reserved_ucr - bindparam("held"))
-        .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr))
+_SET = Prepared(update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=bindparam("used"), reserved_ucr=bindparam("reserved")))
+_ADD = Prepared(update(_COUNTERS).where(*_ACCOUNT)
+                .values(used_ucr=_COUNTERS.c.used_ucr + bindparam("bill"),
+                        reserved_ucr=_COUNTERS.c.reserved_ucr - bindparam("held"))
+                .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr))
 """Settle without a ceiling in one statement: nothing to compare, so nothing to read first."""
-_USED = select(_COUNTERS.c.used_ucr).where(*_ACCOUNT)
-_END = (delete(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
-        .returning(_RESERVATIONS.c.ucr))
-_HELD = select(_RESERVATIONS.c.ucr).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
-_TAKE = (update(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
-         .values(ucr=_RESERVATIONS.c.ucr - bindparam("take")))
-_EXPIRE = (delete(_RESERVATIONS).where(*_ITS_RESERVATIONS, _RESERVATIONS.c.expires_at <= bindparam("now"))
-           .returning(_RESERVATIONS.c.ucr))
-_RESERVE = _RESERVATIONS.insert()
-_LIVE = select(func.coalesce(func.sum(_RESERVATIONS.c.ucr), 0)).where(
-    *_ITS_RESERVATIONS, _RESERVATIONS.c.expires_at > bindparam("now"))
-_HOUR = select(_HOURS.c.ucr).where(_HOURS.c.customer_id == bindparam("customer"), _HOURS.c.hour == bindparam("at_hour"))
-_PRUNE_HOURS = delete(_HOURS).where(_HOURS.c.customer_id == bindparam("customer"),
-                                    _HOURS.c.hour < bindparam("at_hour") - 1)
-_RATE_WINDOWS = select(_RATES.c.window, _RATES.c.requests).where(
-    _RATES.c.customer_id == bindparam("customer"), _RATES.c.window.between(bindparam("at_window") - 1, bindparam("at_window")))
-_PRUNE_RATES = delete(_RATES).where(_RATES.c.customer_id == bindparam("customer"),
-                                    _RATES.c.window < bindparam("at_window") - 1)
+_USED = Prepared(select(_COUNTERS.c.used_ucr).where(*_ACCOUNT))
+_END = Prepared(delete(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
+                .returning(_RESERVATIONS.c.ucr))
+_HELD = Prepared(select(_RESERVATIONS.c.ucr).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS))
+_TAKE = Prepared(update(_RESERVATIONS).where(_RESERVATIONS.c.id == bindparam("reservation"), *_ITS_RESERVATIONS)
+                 .values(ucr=_RESERVATIONS.c.ucr - bindparam("take")))
+_EXPIRE = Prepared(delete(_RESERVATIONS).where(*_ITS_RESERVATIONS, _RESERVATIONS.c.expires_at <= bindparam("now"))
+                   .returning(_RESERVATIONS.c.ucr))
+_RESERVE = Prepared(_RESERVATIONS.insert().inline(), columns=("id", "customer_id", "period", "ucr", "expires_at"))
+_LIVE = Prepared(select(func.coalesce(func.sum(_RESERVATIONS.c.ucr), 0)).where(
+    *_ITS_RESERVATIONS, _RESERVATIONS.c.expires_at > bindparam("now")))
+_HOUR = Prepared(select(_HOURS.c.ucr).where(_HOURS.c.customer_id == bindparam("customer"),
+                                             _HOURS.c.hour == bindparam("at_hour")))
+_PRUNE_HOURS = Prepared(delete(_HOURS).where(_HOURS.c.customer_id == bindparam("customer"),
+                                             _HOURS.c.hour < bindparam("at_hour") - 1))
+_RATE_WINDOWS = Prepared(select(_RATES.c.window, _RATES.c.requests).where(
+    _RATES.c.customer_id == bindparam("customer"), _RATES.c.window.between(bindparam("at_window") - 1, bindparam("at_window"))))
+_PRUNE_RATES = Prepared(delete(_RATES).where(_RATES.c.customer_id == bindparam("customer"),
+                                             _RATES.c.window < bindparam("at_window") - 1))
 
 
 def _upserts(insert) -> tuple:
@@ -81,7 +83,7 @@ def _upserts(insert) -> tuple:
     count = insert(_RATES).values(customer_id=bindparam("customer"), window=bindparam("at_window"), requests=1)
     count = count.on_conflict_do_update(index_elements=["customer_id", "window"],
                                         set_={"requests": _RATES.c.requests + 1})
-    return spend, count
+    return Prepared(spend), Prepared(count)
 
 
 _UPSERTS = {dialect: _upserts(insert) for dialect, insert in _INSERT.items()}
@@ -128,19 +130,19 @@ class SqlCounterStore:
 
     def _lock_or_seed(self, connection: Connection, account: Account) -> tuple[int, int, bool]:
         """`_lock`, and whether the account had to be started from the ledger just now."""
-        row = connection.execute(_LOCK, _keys(account)).first()
+        row = _LOCK.first(connection, _keys(account))
         if row is not None:
-            return int(row.used_ucr), int(row.reserved_ucr), False
+            return int(row[0]), int(row[1]), False
         self._seed(connection, account)
-        row = connection.execute(_LOCK, _keys(account)).one()
-        return int(row.used_ucr), int(row.reserved_ucr), True
+        used, reserved = _LOCK.one(connection, _keys(account))
+        return int(used), int(reserved), True
 
     def _set(self, connection: Connection, account: Account, used: int, reserved: int) -> None:
-        connection.execute(_SET, {**_keys(account), "used": used, "reserved": reserved})
+        _SET.rows(connection, {**_keys(account), "used": used, "reserved": reserved})
 
     def _expire(self, connection: Connection, account: Account, now: datetime) -> int:
         """Drop the account's expired reservations; returns how many µcr they held."""
-        return sum(int(held) for held in connection.execute(_EXPIRE, {**_keys(account), "now": now}).scalars())
+        return sum(int(held) for held, in _EXPIRE.rows(connection, {**_keys(account), "now": now}))
 
     def _count_request(self, connection: Connection, customer_id: str, rate: RateLimit,
                        now: datetime) -> tuple[bool, int, int]:
@@ -149,13 +151,13 @@ class SqlCounterStore:
         now_ms = int(now.timestamp() * 1000)
         window = window_index(now_ms, rate)
         keys = {"customer": customer_id, "at_window": window}
-        counts = dict(connection.execute(_RATE_WINDOWS, keys).all())
+        counts = dict(_RATE_WINDOWS.rows(connection, keys))
         current, previous = int(counts.get(window, 0)), int(counts.get(window - 1, 0))
         if not admits(rate, now_ms, current, previous):
             return False, current, previous
         if window not in counts:
-            connection.execute(_PRUNE_RATES, keys)
-        connection.execute(self._count_statement, keys)
+            _PRUNE_RATES.rows(connection, keys)
+        self._count_statement.rows(connection, keys)
         return True, current, previous
 
     def reserve(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
@@ -172,7 +174,7 @@ class SqlCounterStore:
             reserved -= self._expire(connection, account, now)
             granted = grant(ask, used_ucr=used, reserved_ucr=reserved, limit=_limit(cap_ucr))
             if granted is not None:
-                connection.execute(_RESERVE, {"id": reservation_id, "customer_id": account.customer_id,
+                _RESERVE.rows(connection, {"id": reservation_id, "customer_id": account.customer_id,
                                               "period": account.period_key, "ucr": granted, "expires_at": expires_at})
                 reserved += granted
             self._set(connection, account, used, reserved)
@@ -181,7 +183,7 @@ class SqlCounterStore:
 
     def _end(self, connection: Connection, account: Account, reservation_id: str) -> int:
         """Remove a reservation; returns what it held (0 if it was gone already)."""
-        held = connection.execute(_END, {**_keys(account), "reservation": reservation_id}).scalar_one_or_none()
+        held = _END.scalar(connection, {**_keys(account), "reservation": reservation_id})
         return 0 if held is None else int(held)
 
     def _take(self, connection: Connection, account: Account, reservation_id: str | None,
@@ -192,10 +194,10 @@ class SqlCounterStore:
             return 0
         if portion_ucr is None:
             return self._end(connection, account, reservation_id)
-        held = connection.execute(_HELD, {**_keys(account), "reservation": reservation_id}).scalar_one_or_none()
+        held = _HELD.scalar(connection, {**_keys(account), "reservation": reservation_id})
         taken = min(portion_ucr, int(held or 0))
         if taken:
-            connection.execute(_TAKE, {**_keys(account), "reservation": reservation_id, "take": taken})
+            _TAKE.rows(connection, {**_keys(account), "reservation": reservation_id, "take": taken})
         return taken
 
     def _add_spend(self, connection: Connection, customer_id: str, bill: int, now: datetime) -> tuple[int, int]:
@@ -204,12 +206,12 @@ class SqlCounterStore:
         hour = hour_index(now)
         keys = {"customer": customer_id, "at_hour": hour}
         if bill:
-            current, previous = connection.execute(self._add_spend_statement, {**keys, "bill": bill}).one()
+            current, previous = self._add_spend_statement.one(connection, {**keys, "bill": bill})
             if current == bill:
-                connection.execute(_PRUNE_HOURS, keys)
+                _PRUNE_HOURS.rows(connection, keys)
         else:
-            current = connection.execute(_HOUR, keys).scalar()
-            previous = connection.execute(_HOUR, {"customer": customer_id, "at_hour": hour - 1}).scalar()
+            current = _HOUR.scalar(connection, keys)
+            previous = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour - 1})
         return int(current or 0), int(previous or 0)
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
@@ -219,8 +221,8 @@ class SqlCounterStore:
             settled = self.settle_on(connection, account, reservation_id, actual_ucr, cap_ucr=cap_ucr, now=now,
                                      portion_ucr=portion_ucr)
             if seeded:  # started from a ledger that has the bill: used counts it once (hour buckets start empty)
-                row = connection.execute(_ADD, {**_keys(account), "bill": -settled.billed_ucr, "held": 0}).one()
-                settled = replace(settled, used_ucr=int(row.used_ucr))
+                used, _ = _ADD.one(connection, {**_keys(account), "bill": -settled.billed_ucr, "held": 0})
+                settled = replace(settled, used_ucr=int(used))
             return settled
 
     async def reserve_promptly(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
@@ -247,15 +249,15 @@ class SqlCounterStore:
         as one in Redis can be), so there is none to look for."""
         # Locks in one order everywhere (the account row, then reservations), so Postgres never deadlocks.
         if cap_ucr is None:  # nothing to compare with: no need to read before adding
-            row = connection.execute(_ADD, {**_keys(account), "bill": actual_ucr, "held": 0}).first()
+            row = _ADD.first(connection, {**_keys(account), "bill": actual_ucr, "held": 0})
             if row is None:
                 self._seed(connection, account)
-                row = connection.execute(_ADD, {**_keys(account), "bill": actual_ucr, "held": 0}).one()
-            bill, used, reserved = actual_ucr, int(row.used_ucr), int(row.reserved_ucr)
+                row = _ADD.one(connection, {**_keys(account), "bill": actual_ucr, "held": 0})
+            bill, used, reserved = actual_ucr, int(row[0]), int(row[1])
             held = self._take(connection, account, reservation_id, portion_ucr)
             if held:
                 reserved -= held
-                connection.execute(_ADD, {**_keys(account), "bill": 0, "held": held})
+                _ADD.rows(connection, {**_keys(account), "bill": 0, "held": held})
         else:
             used, reserved = self._lock(connection, account)
             held = self._take(connection, account, reservation_id, portion_ucr)
@@ -273,15 +275,15 @@ class SqlCounterStore:
 
     def snapshot(self, account: Account, now: datetime) -> Snapshot:
         with self._transaction() as connection:
-            used = connection.execute(_USED, _keys(account)).scalar()
-            live = connection.execute(_LIVE, {**_keys(account), "now": now}).scalar_one()
+            used = _USED.scalar(connection, _keys(account))
+            live = _LIVE.one(connection, {**_keys(account), "now": now})[0]
         return Snapshot(int(used or 0), int(live))
 
     def hour_spend(self, customer_id: str, now: datetime) -> tuple[int, int]:
         hour = hour_index(now)
         with self._transaction() as connection:
-            current = connection.execute(_HOUR, {"customer": customer_id, "at_hour": hour}).scalar()
-            previous = connection.execute(_HOUR, {"customer": customer_id, "at_hour": hour - 1}).scalar()
+            current = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour})
+            previous = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour - 1})
         return int(current or 0), int(previous or 0)
 
     def rebuild(self, account: Account, used_ucr: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text
@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, create_engine
 
 from plugin.ledger.models import Alert, ApiKey, Customer, LedgerEntry, OutboxEvent, utcnow
+from plugin.ledger.prepared import Prepared
 
 
 class StoreError(Exception):
@@ -194,14 +195,17 @@ class BillingRecord:
 _LEDGER = LedgerEntry.__table__
 _OUTBOX = OutboxEvent.__table__
 _ALERTS = Alert.__table__
-# Built once: constructing and cache-keying a statement per row cost more than the commit itself.
+_LEDGER_COLUMNS = tuple(field.name for field in fields(LedgerRow))
+# The billing path's statements, built once and run as prepared (plugin.ledger.prepared).
 _INSERT_LEDGER = {
-    dialect: insert(_LEDGER).on_conflict_do_nothing(index_elements=["id"]).returning(_LEDGER.c.id)
+    dialect: Prepared(insert(_LEDGER).inline().on_conflict_do_nothing(index_elements=["id"]).returning(_LEDGER.c.id),
+                      columns=_LEDGER_COLUMNS)
     for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
-
-
-_ALREADY_IN_LEDGER = select(_LEDGER.c.id).where(_LEDGER.c.id.in_(bindparam("ids", expanding=True)))
+_IN_LEDGER = Prepared(select(_LEDGER.c.id).where(_LEDGER.c.id == bindparam("ledger_id")))
+_INSERT_OUTBOX = Prepared(_OUTBOX.insert().inline(), columns=("id", "customer_id", "value_ucr", "occurred_at", "status",
+                                                              "attempts", "next_attempt_at", "uncertain", "requeues"))
+_INSERT_ALERT = Prepared(_ALERTS.insert().inline(), columns=("kind", "customer_id", "subject_id", "message", "created_at"))
 
 Settle = Callable[[Connection, BillingRecord], BillingRecord]
 """Runs inside the ledger's transaction just before its record is written, and returns the record to
@@ -235,33 +239,26 @@ def record_on(connection: Connection, records: Iterable[BillingRecord],
     if not unique:
         return {}
     settlements = settlements or {}
-    if settlements:
-        seen = set(connection.execute(_ALREADY_IN_LEDGER, {"ids": list(settlements)}).scalars())
-        for ledger_id, settle in settlements.items():
-            if ledger_id in unique and ledger_id not in seen:
-                unique[ledger_id] = settle(connection, unique[ledger_id])
-    # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
-    inserted = set(
-        connection.execute(
-            _INSERT_LEDGER[connection.dialect.name], [vars(record.entry) for record in unique.values()]
-        ).scalars()
-    )
-    new = [record for ledger_id, record in unique.items() if ledger_id in inserted]
-    events = [
+    insert_ledger = _INSERT_LEDGER[connection.dialect.name]
+    new: list[BillingRecord] = []
+    for ledger_id, record in unique.items():
+        settle = settlements.get(ledger_id)
+        if settle is not None and _IN_LEDGER.first(connection, {"ledger_id": ledger_id}) is None:
+            record = settle(connection, record)
+        # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
+        if insert_ledger.first(connection, vars(record.entry)) is not None:
+            new.append(record)
+    _INSERT_OUTBOX.many(connection, [
         {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
          "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
-         "next_attempt_at": record.entry.created_at}
+         "next_attempt_at": record.entry.created_at, "uncertain": False, "requeues": 0}
         for record in new if record.entry.credits_ucr > 0 and record.meter
-    ]
-    if events:
-        connection.execute(_OUTBOX.insert(), events)
-    alerts = [
+    ])
+    _INSERT_ALERT.many(connection, [
         {"kind": "unbilled_tokens", "customer_id": record.entry.customer_id, "subject_id": record.entry.id,
          "message": record.alert, "created_at": record.entry.created_at}
         for record in new if record.alert
-    ]
-    if alerts:
-        connection.execute(_ALERTS.insert(), alerts)
+    ])
     return {record.entry.id: record for record in new}
 
 

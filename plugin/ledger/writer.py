@@ -22,14 +22,16 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
+from plugin.ledger.prepared import Prepared
 from plugin.ledger.store import BillingRecord, Settle, record_batch, record_on
 
 log = logging.getLogger("meterline.ledger")
 
 _STOP = object()
+_BEGIN_IMMEDIATE = Prepared(text("BEGIN IMMEDIATE"))
 
 
 @dataclass
@@ -151,7 +153,7 @@ class _Inline:
             connection = self._connect()
             with connection.begin():
                 try:
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                    _BEGIN_IMMEDIATE.rows(connection)
                 except OperationalError:  # "database is locked": someone is writing; nothing was done
                     return None
                 written = record_on(connection, [record], {record.entry.id: settle} if settle else None)
