@@ -28,7 +28,7 @@ from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.store import BillingRecord
 from plugin.limits import crossed_thresholds, soft_limit_base_ucr
 from plugin.notify import Notice
-from plugin.policy import Ceiling, Refusal, ask, credits_text, interpret, refusal_message
+from plugin.policy import Ceiling, Estimate, Refusal, ask, credits_text, interpret, refusal_message
 from plugin.ratelimit import RateLimit, decide as rate_decide
 from plugin.runtime import Meterline
 from plugin.slices import Hold
@@ -96,12 +96,14 @@ def _refresh(key: tuple, read: Callable, *args) -> None:
 
 
 async def admit(meterline: Meterline, customer_id: str, request_id: str, *, model: str,
-                asked_max_tokens: int | None, prompt_tokens: Callable[[], int]) -> Admitted:
+                asked_max_tokens: int | None, prompt_tokens: Callable[[], int],
+                prompt_token_bound: Callable[[], int | None] = lambda: None) -> Admitted:
     """Let a request through, lowered to what the customer can afford, or raise `Refused`.
 
     In order: an open circuit breaker (402 circuit_open), the rate limit (429 rate_limited) and the
     ceiling (402 with the ceiling's reason); the last two are ONE atomic counter-store call.
-    `prompt_tokens` is called only when a reservation has to be priced."""
+    `prompt_tokens` (counted) and `prompt_token_bound` (at least as many, without a tokenizer; None
+    when it has none) are called only when a reservation has to be priced (`_worst_case`)."""
     now = meterline.clock()
     known = await profile(meterline, customer_id)
     if known is None:  # an anonymous (or unknown) customer: no plan, nothing to enforce
@@ -121,9 +123,11 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     if limit is None and rate is None:
         return unreserved
     policies = meterline.config.policies
-    estimate = None if limit is None else meterline.estimate(model, prompt_tokens(), asked_max_tokens)
-    request = None if estimate is None else ask(estimate, policies.min_output_tokens)
     account = Account(customer_id, period.start)
+    estimate = None if limit is None else _worst_case(
+        meterline, account, model, asked_max_tokens, prompt_tokens, prompt_token_bound, cap_ucr=limit.ucr, now=now,
+        from_slice=rate is None)
+    request = None if estimate is None else ask(estimate, policies.min_output_tokens)
     try:
         if rate is None:  # a ceiling only: admitted from this process's budget slice when it can (plugin.slices)
             taken = await meterline.slices.take(account, request_id, request, cap_ucr=limit.ucr, now=now)
@@ -153,6 +157,24 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
         raise Refused(402, decision.reason, refusal_message(decision.reason, limit, known.plan, period.end,
                                                             detail=policies.refusal_detail))
     return Admitted(customer_id, period.start, limit.ucr, hold, decision.max_tokens, metered=plan.metered)
+
+
+def _worst_case(meterline: Meterline, account: Account, model: str, asked_max_tokens: int | None,
+                prompt_tokens: Callable[[], int], prompt_token_bound: Callable[[], int | None], *, cap_ucr: int,
+                now: datetime, from_slice: bool) -> Estimate:
+    """What the request may cost. Counting the prompt's tokens (LiteLLM's tokenizer) is most of a
+    capped request's admission time, so when the live budget slice admits at once even a bound of
+    them, the bound prices the reservation: the request is admitted as it would be when counted (in
+    full, its max_tokens unchanged) and only holds more of the slice until it settles. Otherwise
+    (no slice, or little room left: near the ceiling, where a bound set too high could lower
+    max_tokens or refuse) the prompt is counted."""
+    if from_slice:
+        bound = prompt_token_bound()
+        if bound is not None:
+            estimate = meterline.estimate(model, bound, asked_max_tokens)
+            if meterline.slices.admits_now(account, estimate.cost(estimate.max_tokens), cap_ucr=cap_ucr, now=now):
+                return estimate
+    return meterline.estimate(model, prompt_tokens(), asked_max_tokens)
 
 
 def _release_abandoned(meterline: Meterline, account: Account, request_id: str, granted: Grant) -> None:

@@ -33,7 +33,7 @@ from plugin.identity import (
     CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify,
     Template, is_master_key, request_labels,
 )
-from plugin.metering import FinishedCall, bill
+from plugin.metering import FinishedCall, bill, prompt_token_bound
 from plugin.pricing import Usage
 from plugin.slices import Hold
 from plugin.streams import StreamTally, as_mapping, response_text, response_usage
@@ -291,6 +291,7 @@ async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> Non
         admitted = await admission.admit(
             meterline, state["customer"], state["ledger_id"], model=str(data.get("model") or ""),
             asked_max_tokens=asked, prompt_tokens=lambda: _counted_usage(data, "").prompt_tokens,
+            prompt_token_bound=lambda: prompt_token_bound(data.get("messages")),
         )
     except admission.Refused as refused:
         raise _refuse(refused.reason, refused.message, refused.status, refused.retry_after) from None

@@ -129,3 +129,40 @@ def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
             "so it was billed 0 credits; its chunk format is not understood"
         )
     return BillingRecord(entry=entry, alert=alert)
+
+
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+"""More than a chat template adds around each message (OpenAI's counting: 3, and 1 for a name)."""
+TEMPLATE_TOKENS_PER_PROMPT = 8
+"""More than the template adds once per prompt (OpenAI's counting: 3, priming the reply)."""
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
+
+def prompt_token_bound(messages: object) -> int | None:
+    """At least as many tokens as a tokenizer counts in a chat prompt, without one: each token of
+    the byte-level BPE and SentencePiece tokenizers LiteLLM counts with stands for at least one byte
+    of UTF-8 text, and the chat template adds a few per message. None for anything but plain text
+    messages (images, audio, tool calls are counted by other rules)."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    total = TEMPLATE_TOKENS_PER_PROMPT
+    for message in messages:
+        if not isinstance(message, Mapping) or not message.keys() <= _PLAIN_MESSAGE_KEYS:
+            return None
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(part, Mapping) and part.keys() == {"type", "text"} and part["type"] == "text"
+                       and isinstance(part["text"], str) for part in content):
+                return None
+            texts = [part["text"] for part in content]
+        elif content is None or isinstance(content, str):
+            texts = [content or ""]
+        else:
+            return None
+        labels = [message.get("role"), message.get("name")]
+        if not all(label is None or isinstance(label, str) for label in labels):
+            return None
+        # surrogatepass: a lone surrogate (valid in JSON) counts its 3 bytes instead of failing
+        total += TEMPLATE_TOKENS_PER_MESSAGE + sum(len(text.encode("utf-8", "surrogatepass"))
+                                                   for text in [*texts, *filter(None, labels)])
+    return total

@@ -76,6 +76,13 @@ class SliceBook:
             del self._leasing[account]
             done.set_result(None)
 
+    def admits_now(self, account: Account, ask_ucr: int, *, cap_ucr: int, now: datetime) -> bool:
+        """`take` would admit a request whose worst case is `ask_ucr` from the live slice, at once."""
+        if self.requests == 1 or self._per_request(account, now):
+            return False
+        current = self._admitting.get(account)
+        return current is not None and current.fits(ask_ucr, cap_ucr=cap_ucr, now=now)
+
     def _per_request(self, account: Account, now: datetime) -> bool:
         until = self._per_request_until.get(account)
         if until is None:

@@ -61,10 +61,14 @@ class Slice:
     def hold(self, ucr: int) -> Hold:
         return Hold(self.lease_id, ucr, self.shared)
 
+    def fits(self, ask_ucr: int, *, cap_ucr: int, now: datetime) -> bool:
+        """`carve` would admit a request whose worst case is `ask_ucr`."""
+        return not self.retired and cap_ucr == self.cap_ucr and now < self.carving_until and ask_ucr <= self.room_ucr
+
     def carve(self, request_id: str, ask_ucr: int, *, cap_ucr: int, now: datetime) -> bool:
         """Admit a request whose worst case is `ask_ucr` from the room, if the slice may still admit
         and it fits. False: the caller retires the slice and leases another."""
-        if self.retired or cap_ucr != self.cap_ucr or now >= self.carving_until or ask_ucr > self.room_ucr:
+        if not self.fits(ask_ucr, cap_ucr=cap_ucr, now=now):
             return False
         self.room_ucr -= ask_ucr
         self.holders.add(request_id)

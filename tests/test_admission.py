@@ -226,6 +226,39 @@ async def test_a_capped_customer_is_admitted_from_a_budget_slice_with_one_reserv
     assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(41 * M, 0)
 
 
+async def test_with_room_in_the_slice_a_bound_of_the_prompt_prices_it_and_without_it_it_is_counted(meterline):
+    """The tokenizer is skipped while the live slice admits even the bound at once; the request is
+    admitted just as the count would admit it. Without that room (no slice yet, or near the ceiling)
+    the prompt is counted."""
+    capped_customer(meterline, "bounded", hard_limit_credits=1_000_000)
+    counted: list[str] = []
+
+    def counter(tokens: int):
+        def count() -> int:
+            counted.append("count")
+            return tokens
+        return count
+
+    async def admit(n: int, bound: int | None, count: int, asked: int | None = None):
+        return await admission.admit(meterline, "bounded", f"bounded-{n}", model="m", asked_max_tokens=asked,
+                                     prompt_tokens=counter(count), prompt_token_bound=lambda: bound)
+
+    counted_cost = meterline.estimate("m", 100, None).cost(meterline.config.policies.reservation_output_tokens)
+    first = await admit(0, bound=400, count=100)  # no slice yet: the lease is priced on the count
+    assert counted == ["count"] and first.hold.ucr == counted_cost
+    account = Account("bounded", datetime(2026, 11, 1, tzinfo=UTC))
+    room = meterline.slices.room(account)
+    second = await admit(1, bound=400, count=100, asked=50)
+    bound_estimate = meterline.estimate("m", 400, 50)
+    assert counted == ["count"]  # not counted again
+    assert second.max_tokens is None and second.hold.ucr == bound_estimate.cost(50)
+    assert meterline.slices.room(account) == room - bound_estimate.cost(50)
+    assert await admit(2, bound=None, count=100) and counted == ["count", "count"]  # no bound: counted
+    # A bound the room cannot take at once: counted, and admitted on the count.
+    huge = await admit(3, bound=10**12, count=100)
+    assert counted == ["count"] * 3 and huge.hold.ucr == counted_cost and huge.max_tokens is None
+
+
 async def test_a_changed_limit_retires_the_slice_at_once(meterline):
     capped_customer(meterline, "changing", hard_limit_credits=1_000_000)
     made = counting_reservations(meterline)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugin.metering import FinishedCall, bill, usage_from_openai
+from plugin.metering import FinishedCall, bill, prompt_token_bound, usage_from_openai
 from plugin.pricing import CreditRule, PriceBook, ProviderPrice, Usage, Weights
 
 M = 1_000_000
@@ -267,3 +267,46 @@ def test_cache_hit_flat_fee_is_billed_and_never_more_than_the_call_would_cost():
     assert record.entry.provider_cost_uusd == 0
     tiny = bill(call(cache_hit=True, usage=Usage(prompt_tokens=1)), replace(BOOK, cache_hit_fee_ucr=10**12))
     assert tiny.entry.saved_ucr == 0 and tiny.entry.credits_ucr == bill(call(usage=Usage(prompt_tokens=1)), BOOK).entry.credits_ucr
+
+
+# ------------------------------------------------------------------ a bound on the prompt's tokens
+
+plain_text = st.text(max_size=200)
+plain_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]),
+         "content": st.one_of(plain_text, st.lists(st.builds(lambda text: {"type": "text", "text": text}, plain_text),
+                                                  max_size=3))},
+        optional={"name": st.from_regex(r"[a-z_]{1,12}", fullmatch=True)},
+    ),
+    min_size=1, max_size=5,
+)
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-3.5-turbo", "claude-3-5-sonnet-20240620"])
+@settings(max_examples=150, deadline=None)
+@given(messages=plain_messages)
+def test_the_prompt_bound_is_never_below_litellms_count(model, messages):
+    """Admission may price a capped request on the bound instead of LiteLLM's count: it must never be lower."""
+    import litellm
+
+    assert prompt_token_bound(messages) >= litellm.token_counter(model=model, messages=messages)
+
+
+@pytest.mark.parametrize("messages", [
+    None, [], "hi", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}],
+    [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}],
+    [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]}],
+    [{"role": "tool", "content": "42", "tool_call_id": "1"}], [{"role": "user", "content": 7}],
+    [{"role": "user", "content": "hi", "name": 3}], ["hi"],
+])
+def test_the_prompt_bound_declines_anything_but_plain_text(messages):
+    assert prompt_token_bound(messages) is None
+
+
+def test_the_prompt_bound_counts_bytes_and_a_template_allowance():
+    messages = [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": None, "name": "bot"},
+                {"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "text", "text": "\ud800"}]}]
+    # 8 per prompt + 3 x 8 per message + bytes: "user" 4 + "héllo" 6, "assistant" 9 + "bot" 3,
+    # "user" 4 + "ab" 2 + a lone surrogate 3 (as sent in JSON; it must not fail)
+    assert prompt_token_bound(messages) == 8 + 24 + 10 + 12 + 9

@@ -38,6 +38,15 @@ def test_a_slice_stops_admitting_when_its_time_is_up_or_the_ceiling_changed():
     assert lease.carve("r1", 1000, cap_ucr=1_000_000, now=NOW)
 
 
+def test_fits_says_what_carve_would_do_and_changes_nothing():
+    lease = a_slice()
+    for ask, cap, now in [(9000, 1_000_000, NOW), (9001, 1_000_000, NOW), (1, 1_000_000, LATER), (1, 999_999, NOW)]:
+        assert lease.fits(ask, cap_ucr=cap, now=now) == (ask <= 9000 and cap == 1_000_000 and now < LATER)
+    assert (lease.room_ucr, lease.holders) == (9000, {"r0"})
+    lease.retire()
+    assert not lease.fits(1, cap_ucr=1_000_000, now=NOW)
+
+
 def test_what_a_request_did_not_spend_goes_back_to_the_room():
     lease = a_slice()
     lease.carve("r1", 1000, cap_ucr=1_000_000, now=NOW)
