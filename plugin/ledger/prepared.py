@@ -87,26 +87,24 @@ class Prepared:
 
     def rows(self, connection: Connection, values: Mapping[str, Any] | None = None) -> list[Row]:
         """Run the statement; the rows it returns (none for a statement without RETURNING)."""
-        compiled = self._for(connection.dialect)
-        parameters = compiled.parameters(values or {})
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(compiled.sql, parameters)
-            return cursor.fetchall() if cursor.description is not None else []
-        except connection.dialect.loaded_dbapi.Error as error:
-            _reraise(connection, compiled.sql, parameters, error, cursor)
-        finally:
-            cursor.close()
+        return self._run(connection, values or {}, many=False)
 
     def many(self, connection: Connection, rows: list[Mapping[str, Any]]) -> None:
         """Run a statement without RETURNING once per row (the driver's `executemany`)."""
-        if not rows:
-            return
+        if rows:
+            self._run(connection, rows, many=True)
+
+    def _run(self, connection: Connection, values: Mapping[str, Any] | list[Mapping[str, Any]], *,
+             many: bool) -> list[Row]:
         compiled = self._for(connection.dialect)
-        parameters = [compiled.parameters(row) for row in rows]
+        parameters = [compiled.parameters(row) for row in values] if many else compiled.parameters(values)
         cursor = connection.connection.cursor()
         try:
-            cursor.executemany(compiled.sql, parameters)
+            if many:
+                cursor.executemany(compiled.sql, parameters)
+                return []
+            cursor.execute(compiled.sql, parameters)
+            return cursor.fetchall() if cursor.description is not None else []
         except connection.dialect.loaded_dbapi.Error as error:
             _reraise(connection, compiled.sql, parameters, error, cursor)
         finally:
