@@ -222,6 +222,10 @@ class LinearPrice:
                    tuple(int(rate * uusd_denominator) for rate in uusd), uusd_denominator,
                    provider_price is not None)
 
+    def exact_ucr_per(self, token_class: str) -> Fraction:
+        """Exact µcr of one token of a class (a `TokenClasses` field name)."""
+        return Fraction(self.ucr_rates[_CLASSES.index(token_class)], self.ucr_denominator)
+
     def charge(self, usage: Usage) -> Charge:
         counts = _counts(usage.classes())
         ucr = sum(map(mul, counts, self.ucr_rates))
@@ -278,7 +282,6 @@ class PriceBook:
     prices: Mapping[str, ProviderPrice] = field(default_factory=dict)
     model_cost: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     _converted: dict[str, ProviderPrice | None] = field(default_factory=dict, repr=False)
-    _rates: dict[str, tuple[Fraction, Fraction]] = field(default_factory=dict, repr=False)
     _linear: dict[tuple[str, str | None], LinearPrice] = field(default_factory=dict, repr=False)
 
     def rule_for(self, model: str) -> CreditRule:
@@ -302,18 +305,18 @@ class PriceBook:
         """Exact µcr per fresh input token and per output token of a model group: pricing is linear
         in tokens, so this is what a reservation needs before the call (the deployment is not yet
         chosen, so the group's own price is used)."""
-        rates = self._rates.get(model)
-        if rates is None:  # every capped request asks: remembered per model (the book never changes)
-            rule, provider_price = self.rule_for(model), self.price_for(model)
-            rates = self._rates[model] = (price(Usage(prompt_tokens=1), rule, provider_price).exact_ucr,
-                                          price(Usage(completion_tokens=1), rule, provider_price).exact_ucr)
-        return rates
+        linear = self._linear_for(model, None)
+        return linear.exact_ucr_per("text_input"), linear.exact_ucr_per("text_output")
 
     def charge(self, usage: Usage, model: str, deployment_model: str | None = None) -> Charge:
         """Price a call of model group `model` served by `deployment_model` ("provider/name")."""
+        return self._linear_for(model, deployment_model).charge(usage)
+
+    def _linear_for(self, model: str, deployment_model: str | None) -> LinearPrice:
+        """Remembered per model group and deployment: every request asks, and the book never changes."""
         linear = self._linear.get((model, deployment_model))
-        if linear is None:  # remembered per model and deployment (the book never changes)
+        if linear is None:
             unprefixed = deployment_model.split("/", 1)[1] if deployment_model and "/" in deployment_model else None
             linear = self._linear[model, deployment_model] = LinearPrice.of(
                 self.rule_for(model), self.price_for(model, deployment_model, unprefixed))
-        return linear.charge(usage)
+        return linear

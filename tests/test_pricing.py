@@ -394,6 +394,10 @@ def test_price_book_charge_is_price_of_the_model_rule_and_price():
     assert expected.provider_cost_uusd == 1051 and expected.priced  # 1034 x 0.3 + 200 x 0.3 + 567 x 1.2 µUSD
     assert book.charge(usage, "grp", "openai/gpt-x") == expected
     assert book.charge(usage, "grp", "openai/gpt-x") == expected  # remembered, same answer
+    group_price = book.price_for("gpt-x")
+    assert book.token_rates("gpt-x") == (price(Usage(prompt_tokens=1), book.rule_for("gpt-x"), group_price).exact_ucr,
+                                         price(Usage(completion_tokens=1), book.rule_for("gpt-x"), group_price).exact_ucr)
+    assert book.token_rates("gpt-x") == (Fraction(1_000_000, 7), Fraction(4_000_000, 7))  # default weights 1 and 4
 
 
 FIELDS = list(Usage.__dataclass_fields__)
