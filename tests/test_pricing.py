@@ -381,7 +381,8 @@ def test_linear_price_charges_exactly_what_price_charges(usage, rule, provider):
     assert LinearPrice.of(rule, provider).charge(usage) == price(usage, rule, provider)
 
 
-@pytest.mark.parametrize(("numerator", "denominator"), [(1, 2), (3, 2), (-1, 2), (-3, 2), (5, 3), (-5, 3), (0, 7), (7, 7)])
+@pytest.mark.parametrize(("numerator", "denominator"),
+                         [(1, 2), (3, 2), (-1, 2), (-3, 2), (5, 3), (-5, 3), (0, 7), (7, 7)])
 def test_integer_half_up_matches_round_half_up(numerator, denominator):
     assert _half_up(numerator, denominator) == round_half_up(Fraction(numerator, denominator))
 
@@ -394,9 +395,9 @@ def test_price_book_charge_is_price_of_the_model_rule_and_price():
     assert expected.provider_cost_uusd == 1051 and expected.priced  # 1034 x 0.3 + 200 x 0.3 + 567 x 1.2 µUSD
     assert book.charge(usage, "grp", "openai/gpt-x") == expected
     assert book.charge(usage, "grp", "openai/gpt-x") == expected  # remembered, same answer
-    group_price = book.price_for("gpt-x")
-    assert book.token_rates("gpt-x") == (price(Usage(prompt_tokens=1), book.rule_for("gpt-x"), group_price).exact_ucr,
-                                         price(Usage(completion_tokens=1), book.rule_for("gpt-x"), group_price).exact_ucr)
+    rule, group_price = book.rule_for("gpt-x"), book.price_for("gpt-x")
+    assert book.token_rates("gpt-x") == (price(Usage(prompt_tokens=1), rule, group_price).exact_ucr,
+                                         price(Usage(completion_tokens=1), rule, group_price).exact_ucr)
     assert book.token_rates("gpt-x") == (Fraction(1_000_000, 7), Fraction(4_000_000, 7))  # default weights 1 and 4
 
 

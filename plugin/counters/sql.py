@@ -42,7 +42,8 @@ _ITS_RESERVATIONS = (_RESERVATIONS.c.customer_id == bindparam("customer"),
 _LOCK = Prepared(update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=_COUNTERS.c.used_ucr)
                  .returning(_COUNTERS.c.used_ucr, _COUNTERS.c.reserved_ucr))
 """The no-op write that takes the locks, returning (used, reserved); no row: a new account."""
-_SET = Prepared(update(_COUNTERS).where(*_ACCOUNT).values(used_ucr=bindparam("used"), reserved_ucr=bindparam("reserved")))
+_SET = Prepared(update(_COUNTERS).where(*_ACCOUNT)
+                .values(used_ucr=bindparam("used"), reserved_ucr=bindparam("reserved")))
 _ADD = Prepared(update(_COUNTERS).where(*_ACCOUNT)
                 .values(used_ucr=_COUNTERS.c.used_ucr + bindparam("bill"),
                         reserved_ucr=_COUNTERS.c.reserved_ucr - bindparam("held"))
@@ -64,7 +65,8 @@ _HOUR = Prepared(select(_HOURS.c.ucr).where(_HOURS.c.customer_id == bindparam("c
 _PRUNE_HOURS = Prepared(delete(_HOURS).where(_HOURS.c.customer_id == bindparam("customer"),
                                              _HOURS.c.hour < bindparam("at_hour") - 1))
 _RATE_WINDOWS = Prepared(select(_RATES.c.window, _RATES.c.requests).where(
-    _RATES.c.customer_id == bindparam("customer"), _RATES.c.window.between(bindparam("at_window") - 1, bindparam("at_window"))))
+    _RATES.c.customer_id == bindparam("customer"),
+    _RATES.c.window.between(bindparam("at_window") - 1, bindparam("at_window"))))
 _PRUNE_RATES = Prepared(delete(_RATES).where(_RATES.c.customer_id == bindparam("customer"),
                                              _RATES.c.window < bindparam("at_window") - 1))
 
@@ -175,7 +177,7 @@ class SqlCounterStore:
             granted = grant(ask, used_ucr=used, reserved_ucr=reserved, limit=_limit(cap_ucr))
             if granted is not None:
                 _RESERVE.rows(connection, {"id": reservation_id, "customer_id": account.customer_id,
-                                              "period": account.period_key, "ucr": granted, "expires_at": expires_at})
+                                           "period": account.period_key, "ucr": granted, "expires_at": expires_at})
                 reserved += granted
             self._set(connection, account, used, reserved)
         available = None if cap_ucr is None else cap_ucr - used - (reserved - (granted or 0))

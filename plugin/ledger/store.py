@@ -205,7 +205,8 @@ _INSERT_LEDGER = {
 _IN_LEDGER = Prepared(select(_LEDGER.c.id).where(_LEDGER.c.id == bindparam("ledger_id")))
 _INSERT_OUTBOX = Prepared(_OUTBOX.insert().inline(), columns=("id", "customer_id", "value_ucr", "occurred_at", "status",
                                                               "attempts", "next_attempt_at", "uncertain", "requeues"))
-_INSERT_ALERT = Prepared(_ALERTS.insert().inline(), columns=("kind", "customer_id", "subject_id", "message", "created_at"))
+_INSERT_ALERT = Prepared(_ALERTS.insert().inline(),
+                         columns=("kind", "customer_id", "subject_id", "message", "created_at"))
 
 Settle = Callable[[Connection, BillingRecord], BillingRecord]
 """Runs inside the ledger's transaction just before its record is written, and returns the record to
