@@ -211,9 +211,13 @@ class SqlCounterStore:
             current, previous = self._add_spend_statement.one(connection, {**keys, "bill": bill})
             if current == bill:
                 _PRUNE_HOURS.rows(connection, keys)
-        else:
-            current = _HOUR.scalar(connection, keys)
-            previous = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour - 1})
+            return int(current), int(previous or 0)
+        return self._hours(connection, customer_id, hour)
+
+    def _hours(self, connection: Connection, customer_id: str, hour: int) -> tuple[int, int]:
+        """(the hour's µcr, the previous hour's), as they stand."""
+        current = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour})
+        previous = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour - 1})
         return int(current or 0), int(previous or 0)
 
     def settle(self, account: Account, reservation_id: str, actual_ucr: int, *, cap_ucr: int | None,
@@ -282,11 +286,8 @@ class SqlCounterStore:
         return Snapshot(int(used or 0), int(live))
 
     def hour_spend(self, customer_id: str, now: datetime) -> tuple[int, int]:
-        hour = hour_index(now)
         with self._transaction() as connection:
-            current = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour})
-            previous = _HOUR.scalar(connection, {"customer": customer_id, "at_hour": hour - 1})
-        return int(current or 0), int(previous or 0)
+            return self._hours(connection, customer_id, hour_index(now))
 
     def rebuild(self, account: Account, used_ucr: int) -> None:
         with self._transaction() as connection:
