@@ -9,6 +9,7 @@ shared backend test-suite checks them against those functions.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from plugin.counters.keys import account_keys, hour_keys, rate_keys
 from plugin.policy import Ask
 from plugin.ratelimit import RateLimit, window_index
 
+log = logging.getLogger("meterline.counters")
+
 KEEP_KEYS = timedelta(days=75)
 """How long an account's keys live after their last use: past any period's end (31 days) with room
 for reporting; the ledger stays the record (`rebuild`)."""
@@ -40,8 +43,13 @@ PROMPT_WAIT_SECONDS = 0.001
 or same-zone Redis answers a script in a fraction of this."""
 
 PATIENT_SECONDS = 1.0
-"""After an answer that did not come within PROMPT_WAIT_SECONDS, calls go to a worker thread for this long
-(a slow or distant Redis must not cost the event loop a wait per call)."""
+"""After an answer that did not come within PROMPT_WAIT_SECONDS, calls do not wait on the loop for this long:
+their answers are read when the socket says they have come, the loop serving other requests meanwhile
+(a slow, distant or busy Redis must not cost the event loop a wait per call)."""
+
+MAX_LINES = 32
+"""Connections the event loop keeps for its own calls, one per call in flight; a call beyond them is made
+by a worker thread on the client's pool."""
 
 Billed = Callable[[str, datetime, datetime | None], int]
 """µcr the ledger billed a customer in [start, end) (end None: up to now)."""
@@ -77,12 +85,63 @@ class _Call:
 
 
 class _Line:
-    """A Redis connection the event loop uses itself, one call at a time (`lock`); a worker thread that
-    takes over a slow answer holds the lock until it has read it."""
+    """A Redis connection the event loop uses itself, for one call at a time."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self.connection = pool.connection_class(**pool.connection_kwargs)
-        self.lock = threading.Lock()
+
+    def usable(self) -> bool:
+        """Connected, and not closed by Redis while idle (a restart, an idle timeout: it has something to read)."""
+        try:
+            return self.connection.is_connected and not self.connection.can_read(timeout=0)
+        except redis.RedisError:
+            return False
+
+    async def readable(self) -> None:
+        """Until the answer to the call sent on it has come (the loop serves others meanwhile); redis-py's
+        socket timeout bounds the wait, as it bounds a blocking read."""
+        loop = asyncio.get_running_loop()
+        came: asyncio.Future[None] = loop.create_future()
+        fd = self.connection._sock.fileno()  # redis-py has no public accessor for its socket
+        loop.add_reader(fd, lambda: came.done() or came.set_result(None))
+        timeout = self.connection.socket_timeout or PATIENT_SECONDS
+        timer = loop.call_later(timeout, lambda: came.done() or came.set_exception(
+            redis.TimeoutError("Timeout reading from socket")))
+        try:
+            await came
+        finally:
+            timer.cancel()
+            loop.remove_reader(fd)
+
+
+class _Lines:
+    """The event loop's own connections: a call takes an idle one (or opens one, up to MAX_LINES) and gives it
+    back once it has read the answer."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._idle: list[_Line] = []
+        self._open = 0
+        self._lock = threading.Lock()
+        """Loops in several threads may share a store; each line still serves one call at a time."""
+
+    def take(self) -> _Line | None:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            if self._open >= MAX_LINES:
+                return None
+            self._open += 1
+        return _Line(self._pool)
+
+    def give_back(self, line: _Line) -> None:
+        with self._lock:
+            self._idle.append(line)
+
+    def close(self) -> None:
+        with self._lock:
+            for line in self._idle:
+                line.connection.disconnect()
 
 
 class RedisCounterStore:
@@ -97,7 +156,8 @@ class RedisCounterStore:
         self._clock = clock
         self._down_until = 0.0
         self._last_failure = ""
-        self._line = _Line(client.connection_pool)
+        self._lines = _Lines(client.connection_pool)
+        self._finishing: set[asyncio.Task] = set()
         self._patient_until = 0.0
         self._reserve = _script(client, "reserve")
         self._settle = _script(client, "settle")
@@ -123,66 +183,84 @@ class RedisCounterStore:
             raise self._failed(error) from error
 
     async def _call_promptly(self, call: _Call) -> list:
-        """`_call` for a caller on an event loop, without a worker thread when Redis answers at once.
+        """`_call` for a caller on an event loop, without a worker thread.
 
         Any await on the response path costs the wait for whatever else the loop has queued (in the
         proxy, the gateway's own post-response work: about a millisecond), so the loop sends the
         script on a connection of its own and reads the answer itself if it arrives within
-        PROMPT_WAIT_SECONDS. Otherwise a worker thread reads it (the script runs once either way), as
-        it does the whole call when the line is busy or unconnected, Redis has been slow, the script
-        is not loaded or the account must be seeded first."""
+        PROMPT_WAIT_SECONDS. A later answer is read once the socket says it has come, and for
+        PATIENT_SECONDS after one, calls do not wait on the loop at all: a thread per call costs
+        more CPU than the call under load. A worker thread connects a line (a connect can take
+        seconds when Redis is unreachable), makes the call when every line is busy, loads a script
+        Redis no longer has and seeds an account from the ledger. The script runs once either way."""
         self._refuse_while_down()
-        line = self._line
-        if self._clock() < self._patient_until or not line.lock.acquire(blocking=False):
+        line = self._lines.take()
+        if line is None:
             return await asyncio.to_thread(self._call, call)
-        try:
-            # An idle connection with something to read was closed by Redis (a restart, an idle timeout).
-            usable = line.connection.is_connected and not line.connection.can_read(timeout=0)
-        except redis.RedisError:
-            usable = False
-        if not usable:
-            line.connection.disconnect()
-            return await asyncio.to_thread(self._connect_line_then_call, call)
+        if not line.usable():
+            return await asyncio.to_thread(self._connect_then_call, line, call)
         try:
             line.connection.send_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-            answered = line.connection.can_read(timeout=PROMPT_WAIT_SECONDS)
         except redis.RedisError as error:
-            line.connection.disconnect()
-            line.lock.release()
-            raise self._failed(error) from error
-        if not answered:
-            self._patient_until = self._clock() + PATIENT_SECONDS
-            return await asyncio.to_thread(self._read_line_then_call, call)  # the thread releases the line
-        answer = self._read_line()
+            raise self._lost(line, error) from error
+        try:
+            answer = await self._answer(line)
+        except asyncio.CancelledError:
+            self._finish_later(call, line)
+            raise
+        return await self._completed(call, answer)
+
+    async def _answer(self, line: _Line) -> list | None:
+        """The answer to the script sent on `line` (None: Redis did not have it, so it did not run), the line
+        given back; a caller cancelled while it waits leaves the line to `_finish_later`."""
+        patient = self._clock() < self._patient_until
+        try:
+            if patient or not line.connection.can_read(timeout=PROMPT_WAIT_SECONDS):
+                if not patient:
+                    self._patient_until = self._clock() + PATIENT_SECONDS
+                await line.readable()
+            answer = line.connection.read_response()
+        except NoScriptError:
+            answer = None
+        except redis.RedisError as error:
+            raise self._lost(line, error) from error
+        self._lines.give_back(line)
+        return answer
+
+    async def _completed(self, call: _Call, answer: list | None) -> list:
         if answer is None or answer[0] == UNSEEDED:
             return await asyncio.to_thread(self._call, call, answer)
         return answer
 
-    def _read_line(self) -> list | None:
-        """The line's answer (None: Redis did not have the script, which did not run), releasing the line."""
-        line = self._line
+    def _finish_later(self, call: _Call, line: _Line) -> None:
+        """A caller was cancelled after its script was sent: the call is still completed, exactly once, and
+        its answer read off the line (where it would be taken for the next call's) before the line is reused."""
+        finishing = asyncio.get_running_loop().create_task(self._finish(call, line))
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, call: _Call, line: _Line) -> None:
         try:
-            return line.connection.read_response()
-        except NoScriptError:
-            return None
-        except redis.RedisError as error:
+            await self._completed(call, await self._answer(line))
+        except CounterError as error:
+            log.warning("a cancelled caller's counter call failed: %s", error)
+
+    def _lost(self, line: _Line, error: redis.RedisError) -> CounterError:
+        """The line broke mid-call: it is closed (the next call on it reconnects) and given back."""
+        line.connection.disconnect()
+        self._lines.give_back(line)
+        return self._failed(error)
+
+    def _connect_then_call(self, line: _Line, call: _Call) -> list:
+        """Connect `line` for the next calls (a connect can take seconds when Redis is unreachable: never on the
+        event loop) and make this one the usual way."""
+        try:
             line.connection.disconnect()
-            raise self._failed(error) from error
-        finally:
-            line.lock.release()
-
-    def _read_line_then_call(self, call: _Call) -> list:
-        return self._call(call, self._read_line())
-
-    def _connect_line_then_call(self, call: _Call) -> list:
-        """Connect the line for the next calls (a connect can take seconds when Redis is unreachable: never
-        on the event loop) and make this one the usual way."""
-        try:
-            self._line.connection.connect()
+            line.connection.connect()
         except redis.RedisError as error:
             raise self._failed(error) from error
         finally:
-            self._line.lock.release()
+            self._lines.give_back(line)
         return self._call(call)
 
     def _refuse_while_down(self) -> None:
@@ -287,5 +365,5 @@ class RedisCounterStore:
             raise self._failed(error) from error
 
     def close(self) -> None:
-        self._line.connection.disconnect()
+        self._lines.close()
         self.client.close()
