@@ -271,12 +271,14 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
 
     The embedded counter store settles inside the ledger write's transaction: one commit for both.
     Redis settles before or after the ledger write, never inside it, where a Redis outage (seconds
-    of connect timeout) would stall every request's write. For a customer with a ceiling it settles
-    first, promptly (`settle_promptly`: on the event loop when Redis answers within a millisecond):
-    the row must not bill past the ceiling, and the answer reports what is left. For a customer
-    without one the bill is the usage whatever the counters say, so the row is written first and
-    the counters follow, promptly too, off the response path (`Bill.after`). If Redis cannot
-    answer, the call is billed in full and logged."""
+    of connect timeout) would stall every request's write. When the bill is the usage whatever the
+    counters say (a customer without a ceiling, or a request whose budget slice holds all of it
+    in a reservation far from running out), the row is written first and the counters follow it
+    off the response path (`Bill.after`), promptly (`settle_promptly`); what is left is then the
+    slice's figure. Otherwise Redis settles first: the row must not bill past the ceiling, and the
+    answer reports what is left. A proxy killed between the row and the settlement leaves the
+    reservation to run out, and the counters then start again from the ledger, which has the bill
+    (reserve.lua). If Redis cannot answer, the call is billed in full and logged."""
     if not admitted.metered:
         record = replace(record, meter=False)
     account = Account(admitted.customer_id, admitted.period_start)
@@ -304,8 +306,6 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         remaining = _remaining(meterline, admitted, settled, room_before)
         return Bill(written, settled, remaining, after_settle(meterline, admitted, settled))
 
-    terms = {"cap_ucr": admitted.cap_ucr, "now": now, "portion_ucr": portion}
-
     async def settled_in_redis(settling: Awaitable[Settled]) -> Settled | None:
         try:
             return await settling
@@ -315,15 +315,22 @@ async def record_bill(meterline: Meterline, admitted: Admitted, record: BillingR
         finally:
             _ended(meterline, admitted, record.entry.id, actual)  # whatever the ledger write does
 
-    if admitted.cap_ucr is None:
+    covering = None if hold is None or admitted.cap_ucr is None else \
+        meterline.slices.covering(hold, record.entry.id, actual, now)
+    if admitted.cap_ucr is None or covering is not None:
+        remaining = None if covering is None else covering.remaining_after(hold.ucr, actual)
         written = await meterline.writer.write(record)
 
         async def settle_then_check() -> None:  # off the response path; promptly, as a hop to a thread per bill costs CPU
-            settling = meterline.counters.settle_promptly(account, reservation, actual, **terms, already_in_ledger=True)
+            # The counters follow the ledger, which has the bill: nothing to clamp.
+            settling = meterline.counters.settle_promptly(account, reservation, actual, cap_ucr=None, now=now,
+                                                          portion_ucr=portion, already_in_ledger=True)
             await after_settle(meterline, admitted, await settled_in_redis(settling))
 
-        return Bill(written, None, None, settle_then_check())
-    settled = await settled_in_redis(meterline.counters.settle_promptly(account, reservation, actual, **terms))
+        return Bill(written, None, remaining, settle_then_check())
+    settled = await settled_in_redis(meterline.counters.settle_promptly(account, reservation, actual,
+                                                                        cap_ucr=admitted.cap_ucr, now=now,
+                                                                        portion_ucr=portion))
     remaining = _remaining(meterline, admitted, settled, room_before)
     written = await meterline.writer.write(record if settled is None else within(record, settled))
     return Bill(written, settled, remaining, after_settle(meterline, admitted, settled))

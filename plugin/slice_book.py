@@ -119,7 +119,8 @@ class SliceBook:
             return Taken(None, granted.available_ucr)
         first = min(granted.granted_ucr, ask.full_ucr)
         lease = Slice.leased(reservation_id, cap_ucr=cap_ucr, granted_ucr=granted.granted_ucr, first=request_id,
-                             first_ucr=first, carving_until=carving_until)
+                             first_ucr=first, carving_until=carving_until, left_before_ucr=granted.available_ucr,
+                             expires_at=carving_until + timedelta(seconds=self.reservation_seconds))
         if lease.shared:
             self._admitting[account] = lease
             self._open[reservation_id] = (account, lease)
@@ -134,6 +135,15 @@ class SliceBook:
         entry = self._open.get(hold.reservation_id)
         if entry is not None and entry[1].end(request_id, hold.ucr, consumed_ucr):
             self._give_back(*entry)
+
+    def covering(self, hold: Hold, request_id: str, bill_ucr: int, now: datetime) -> Slice | None:
+        """The shared slice `hold` is part of, when its reservation holds the request's whole bill and is far
+        from running out (half its life left: other proxies' clocks may run ahead of this one's)."""
+        entry = self._open.get(hold.reservation_id) if hold.shared else None
+        margin = timedelta(seconds=self.reservation_seconds / 2)
+        if entry is None or not entry[1].covers(request_id, hold.ucr, bill_ucr, live_until=now + margin):
+            return None
+        return entry[1]
 
     def room(self, account: Account) -> int:
         """µcr this process holds for the account's next requests (counted as reserved in the store)."""

@@ -50,13 +50,20 @@ class Slice:
     holders: set[str] = field(default_factory=set)
     """Requests admitted from it and not yet settled or released (the one that leased it included)."""
     retired: bool = False
+    leased_ucr: int = 0
+    left_before_ucr: int | None = None
+    """What was left under the ceiling when it was leased (others' bills and reservations deducted)."""
+    expires_at: datetime | None = None
+    """When the store drops its reservation if it is not released first."""
 
     @classmethod
     def leased(cls, lease_id: str, *, cap_ucr: int, granted_ucr: int, first: str, first_ucr: int,
-               carving_until: datetime) -> Slice:
+               carving_until: datetime, left_before_ucr: int | None = None,
+               expires_at: datetime | None = None) -> Slice:
         """A new slice of `granted_ucr`, `first_ucr` of it held by request `first`, which leased it."""
         room = granted_ucr - first_ucr
-        return cls(lease_id, cap_ucr, room, carving_until, shared=room > 0, holders={first}, retired=room == 0)
+        return cls(lease_id, cap_ucr, room, carving_until, shared=room > 0, holders={first}, retired=room == 0,
+                   leased_ucr=granted_ucr, left_before_ucr=left_before_ucr, expires_at=expires_at)
 
     def hold(self, ucr: int) -> Hold:
         return Hold(self.lease_id, ucr, self.shared)
@@ -85,6 +92,20 @@ class Slice:
         self.holders.remove(request_id)
         self.room_ucr += held_ucr - min(consumed_ucr, held_ucr)
         return self.retired and not self.holders
+
+    def covers(self, request_id: str, held_ucr: int, bill_ucr: int, *, live_until: datetime) -> bool:
+        """Its reservation still holds request `request_id`'s whole bill (no more than the request holds)
+        and will until `live_until`: the bill can be written before the store hears of it."""
+        return (request_id in self.holders and bill_ucr <= held_ucr and self.expires_at is not None
+                and live_until < self.expires_at)
+
+    def remaining_after(self, held_ucr: int, bill_ucr: int) -> int | None:
+        """What the customer can still spend once a request of this slice that held `held_ucr` is billed
+        `bill_ucr` (before `end`): what was left when the slice was leased, less what its requests have
+        spent or still hold. What others spent since the lease is not in it; None when unknown."""
+        if self.left_before_ucr is None:
+            return None
+        return max(0, self.left_before_ucr - self.leased_ucr + self.room_ucr + held_ucr - min(bill_ucr, held_ucr))
 
     def retire(self) -> bool:
         """Stop admitting from it. True exactly once: when it has no holder left (release it now);

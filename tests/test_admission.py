@@ -226,6 +226,50 @@ async def test_a_capped_customer_is_admitted_from_a_budget_slice_with_one_reserv
     assert meterline.counters.snapshot(account, meterline.clock()) == Snapshot(41 * M, 0)
 
 
+async def test_what_is_left_after_each_bill_is_the_limit_less_what_was_billed(meterline):
+    """On Redis a bill the slice holds whole is written before the counters hear of it (they follow off
+    the response path) and what is left is the slice's figure; on the embedded store both commit
+    together. Either way the answer is the same."""
+    capped_customer(meterline, "reader", hard_limit_credits=1000)
+    account = Account("reader", datetime(2026, 11, 1, tzinfo=UTC))
+    for n in range(5):
+        admitted = await admission.admit(meterline, "reader", f"reader-{n}", model="m", asked_max_tokens=None,
+                                         prompt_tokens=lambda: 0)
+        record = BillingRecord(LedgerRow(id=f"reader-{n}", customer_id="reader", model="m", credits_ucr=3 * M,
+                                         created_at=meterline.clock()))
+        bill = await admission.record_bill(meterline, admitted, record)
+        assert bill.remaining_ucr == (1000 - 3 * (n + 1)) * M
+        assert store.billed_between(meterline.engine, "reader", account.period, None) == 3 * (n + 1) * M
+        if meterline.counters_in_ledger is None:
+            assert meterline.counters.snapshot(account, meterline.clock()).used_ucr == 3 * n * M  # not yet
+        await bill.after
+        assert meterline.counters.snapshot(account, meterline.clock()).used_ucr == 3 * (n + 1) * M
+
+
+async def test_a_proxy_killed_after_writing_a_bill_it_had_not_settled_loses_nothing(meterline, tmp_path):
+    """The bill is in the ledger, the counters never heard of it, the process is gone without giving
+    its slice back. Once the slice's reservation runs out, another process's counters count the bill."""
+    capped_customer(meterline, "killed", hard_limit_credits=1000)
+    admitted = await admission.admit(meterline, "killed", "killed-0", model="m", asked_max_tokens=None,
+                                     prompt_tokens=lambda: 0)
+    record = BillingRecord(LedgerRow(id="killed-0", customer_id="killed", model="m", credits_ucr=3 * M,
+                                     created_at=meterline.clock()))
+    bill = await admission.record_bill(meterline, admitted, record)
+    bill.after.close()  # killed before the settlement ran
+    meterline.slices._open.clear()  # and before its slices were given back
+    account = Account("killed", datetime(2026, 11, 1, tzinfo=UTC))
+    expected_used = 3 * M if meterline.counters_in_ledger is not None else 0  # embedded: one commit for both
+    assert meterline.counters.snapshot(account, meterline.clock()).used_ucr == expected_used
+
+    other = Meterline(settings=meterline.settings, config=CONFIG)
+    other.clock = Clock(T0 + timedelta(seconds=2 + CONFIG.policies.reservation_seconds + 1))
+    try:
+        await one_call(other, "killed", 1, credits=1)
+        assert other.counters.snapshot(account, other.clock()).used_ucr == 4 * M
+    finally:
+        other.close()
+
+
 async def test_with_room_in_the_slice_a_bound_of_the_prompt_prices_it_and_without_it_it_is_counted(meterline):
     """The tokenizer is skipped while the live slice admits even the bound at once; the request is
     admitted just as the count would admit it. Without that room (no slice yet, or near the ceiling)

@@ -183,6 +183,25 @@ def test_a_flushed_redis_starts_again_from_the_ledger(redis_url, tmp_path):
     engine.dispose()
 
 
+def test_a_reservation_that_runs_out_makes_redis_start_again_from_the_ledger(redis_url, tmp_path):
+    """A bill the reservation covered is written to the ledger before Redis hears of it: a proxy killed
+    in between leaves its reservation to run out, and the counters then start from the ledger."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    counters = RedisCounterStore(client, partial(billed_between, engine))
+    counters.reserve(ACME, "dead-slice", Ask(3000, 1000, spare_ucr=6000), cap_ucr=100_000,
+                     expires_at=NOW + timedelta(seconds=30), now=NOW)
+    counters.reserve(ACME, "live", Ask(1000, 1000), cap_ucr=100_000, expires_at=LATER, now=NOW)
+    bill_in_ledger(engine, 2500, NOW, "written-never-settled")
+    assert counters.snapshot(ACME, NOW) == Snapshot(0, 10_000)
+    later = NOW + timedelta(seconds=31)
+    granted = counters.reserve(ACME, "next", Ask(9000, 1000), cap_ucr=100_000, expires_at=LATER, now=later)
+    assert (granted.granted_ucr, granted.available_ucr) == (9000, 100_000 - 2500 - 1000)
+    assert counters.snapshot(ACME, later) == Snapshot(2500, 10_000)
+    engine.dispose()
+
+
 def test_every_backend_computes_what_the_policy_says(counters):
     """A long random sequence of reserve (with and without a spare) / settle (whole, or a portion of a
     shared slice) / release, compared step by step with the pure policy."""

@@ -31,6 +31,31 @@ def test_requests_are_admitted_from_the_room_until_it_runs_out():
     assert lease.hold(1000) == Hold("slice_1", 1000, shared=True)
 
 
+def test_a_live_slice_covers_a_bill_its_request_holds_whole():
+    lease = Slice.leased("slice_1", cap_ucr=1_000_000, granted_ucr=10_000, first="r0", first_ucr=1000,
+                         carving_until=LATER, left_before_ucr=50_000, expires_at=LATER + timedelta(minutes=15))
+    live_until = NOW + timedelta(minutes=7)
+    assert lease.covers("r0", 1000, 1000, live_until=live_until)
+    assert not lease.covers("r0", 1000, 1001, live_until=live_until)  # an overshoot: the store decides
+    assert not lease.covers("r9", 1000, 10, live_until=live_until)  # not one of its requests
+    assert not lease.covers("r0", 1000, 10, live_until=LATER + timedelta(minutes=15))  # running out
+    assert not a_slice().covers("r0", 1000, 10, live_until=NOW)  # expiry unknown
+
+
+def test_what_is_left_after_a_bill_is_what_was_left_at_the_lease_less_what_the_slice_spent_or_holds():
+    lease = Slice.leased("slice_1", cap_ucr=1_000_000, granted_ucr=10_000, first="r0", first_ucr=1000,
+                         carving_until=LATER, left_before_ucr=50_000, expires_at=LATER)
+    assert lease.remaining_after(1000, 400) == 50_000 - 400  # the rest of the slice is still the customer's
+    assert lease.carve("r1", 3000, cap_ucr=1_000_000, now=NOW)
+    assert lease.remaining_after(1000, 400) == 50_000 - 400 - 3000  # r1 holds 3,000 while in flight
+    lease.end("r0", 1000, 400)
+    assert lease.remaining_after(3000, 3000) == 50_000 - 400 - 3000
+    assert lease.remaining_after(3000, 9000) == 50_000 - 400 - 3000  # never past what it held
+    assert a_slice().remaining_after(1000, 10) is None
+    assert Slice.leased("s", cap_ucr=10, granted_ucr=10, first="r0", first_ucr=10, carving_until=LATER,
+                        left_before_ucr=10).remaining_after(10, 10) == 0
+
+
 def test_a_slice_stops_admitting_when_its_time_is_up_or_the_ceiling_changed():
     lease = a_slice()
     assert not lease.carve("r1", 1000, cap_ucr=1_000_000, now=LATER)

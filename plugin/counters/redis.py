@@ -36,7 +36,9 @@ HOUR_KEYS_SECONDS = 3 * 3600
 """Spend buckets are read for the current and the previous hour only."""
 
 UNSEEDED = -2
-"""What a script answers for an account with no `used` yet (new, or Redis was flushed)."""
+"""What a script answers for an account with no `used` yet (new, Redis was flushed, or a reservation ran out)."""
+
+SEED_ATTEMPTS = 3
 
 PROMPT_WAIT_SECONDS = 0.001
 """How long the event loop itself waits for Redis to answer a call it sent (`_call_promptly`): a local
@@ -170,17 +172,21 @@ class RedisCounterStore:
     def _call(self, call: _Call, answer: list | None = None) -> list:
         """Run a script (unless `answer` is what it already answered); if the account is unseeded, seed it
         from the ledger (NX writes: a concurrent seeder wins harmlessly, both read the same ledger) and
-        run it once more."""
+        run it again (a few times: another reservation may run out meanwhile)."""
         try:
             if answer is None:
                 self._refuse_while_down()
                 answer = call.script(keys=call.keys, args=call.args)
-            if answer[0] == UNSEEDED:
+            for _ in range(SEED_ATTEMPTS):
+                if answer[0] != UNSEEDED:
+                    return answer
                 self._seed(call.account, call.hour)
                 answer = call.script(keys=call.keys, args=call.args_once_seeded or call.args)
-            return answer
         except redis.RedisError as error:
             raise self._failed(error) from error
+        if answer[0] == UNSEEDED:
+            raise CounterError(f"redis counters: still unseeded after {SEED_ATTEMPTS} starts from the ledger")
+        return answer
 
     async def _call_promptly(self, call: _Call) -> list:
         """`_call` for a caller on an event loop, without a worker thread.

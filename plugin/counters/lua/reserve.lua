@@ -19,12 +19,30 @@
 -- Returns {granted µcr or -1 (refused or nothing asked), µcr left before this reservation or -1
 -- (no ceiling), rate verdict (1 allowed, 0 refused, -1 no limit), requests in the current window,
 -- requests in the previous window} (the counts are from before this request),
--- or {-2, ...} when the account has no `used` yet: the caller seeds it from the ledger and calls
--- again (checked first, so a request is never counted twice against the rate limit).
+-- or {-2, ...} when the account has no `used` yet, or had a reservation that ran out: the caller
+-- seeds it from the ledger and calls again (checked first, so a request is never counted twice
+-- against the rate limit).
 
 local reserving = ARGV[2] ~= ''
-if reserving and redis.call('HEXISTS', KEYS[1], 'used') == 0 then
-  return {-2, -1, -1, 0, 0}
+if reserving then
+  if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
+    return {-2, -1, -1, 0, 0}
+  end
+  -- A reservation that ran out was never settled: its proxy died, perhaps after writing the bill it
+  -- held for to the ledger (a bill the reservation covered is written before it is settled). The
+  -- reservation is dropped and `used` starts again from the ledger, which has every such bill.
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+  if #expired > 0 then
+    local freed = 0
+    for _, id in ipairs(expired) do
+      freed = freed + tonumber(redis.call('HGET', KEYS[2], id) or '0')
+      redis.call('HDEL', KEYS[2], id)
+      redis.call('ZREM', KEYS[3], id)
+    end
+    redis.call('HINCRBY', KEYS[1], 'reserved', -freed)
+    redis.call('HDEL', KEYS[1], 'used')
+    return {-2, -1, -1, 0, 0}
+  end
 end
 
 local verdict, current, previous = -1, 0, 0
@@ -46,15 +64,8 @@ if not reserving then
   return {-1, -1, verdict, current, previous}
 end
 
-local freed = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])) do
-  freed = freed + tonumber(redis.call('HGET', KEYS[2], id) or '0')
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
-end
-
 local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
-local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0') - freed
+local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
 local full = tonumber(ARGV[2])
 local minimum = tonumber(ARGV[3])
 

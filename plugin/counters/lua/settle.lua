@@ -12,7 +12,8 @@
 -- ARGV[5] portion, µcr: take at most this much of a reservation several requests share and keep
 --         the rest held ("" = end the reservation)
 -- Returns {µcr billed, used, reserved (by others), this hour's µcr, the previous hour's µcr},
--- or {-2, ...} when the account has no `used` (new, or Redis was flushed): seed, call again.
+-- or {-2, ...} when the account has no `used` (new, Redis was flushed, or a reservation ran out:
+-- reserve.lua): seed, call again.
 
 if redis.call('HEXISTS', KEYS[1], 'used') == 0 then
   return {-2, 0, 0, 0, 0}
