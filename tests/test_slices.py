@@ -108,19 +108,26 @@ def test_a_grant_without_a_spare_is_a_single_requests_reservation():
 class Processes(RuleBasedStateMachine):
     """Three proxy processes admit one customer's requests from budget slices of a shared counter
     store, modelled with the pure policy; requests settle (under, at or over their worst case) or
-    fail in any order, and slices time out whenever. Whatever happens, everything admitted is
-    backed by the store, and nothing is billed past the ceiling."""
+    fail in any order, and slices time out whenever. A bill its slice holds whole is written to the
+    ledger first and settled later (plugin.admission.record_bill); a process may die between the
+    two, and its reservations then expire, which starts the counters again from the ledger
+    (reserve.lua). Whatever happens, everything admitted is backed by the store, the counters are
+    never short of the ledger, and nothing is billed past the ceiling."""
 
     SPARE_REQUESTS = 8
 
     def __init__(self) -> None:
         super().__init__()
         self.limit = Ceiling(200_000, Refusal.HARD_LIMIT)
-        self.used = 0
+        self.used = 0  # the store's counter
+        self.ledger = 0  # what the ledger billed
         self.store: dict[str, int] = {}  # reservation id -> µcr held
+        self.owner: dict[str, int] = {}  # reservation id -> the process that made it
         self.admitting: dict[int, Slice] = {}
         self.slices: dict[str, Slice] = {}  # not yet given back
         self.in_flight: dict[str, tuple[Hold, int]] = {}  # request id -> (hold, process)
+        self.unsettled: dict[str, tuple[Hold, int, int]] = {}  # in the ledger, not settled: (hold, bill, process)
+        self.orphaned: dict[str, tuple[Hold, int]] = {}  # unsettled bills of dead processes, until their reservations expire
         self.requests = 0
 
     def _release(self, reservation_id: str) -> None:
@@ -149,6 +156,7 @@ class Processes(RuleBasedStateMachine):
         if granted is None:
             return
         self.store[lease_id] = granted
+        self.owner[lease_id] = process
         lease = Slice.leased(lease_id, cap_ucr=self.limit.ucr, granted_ucr=granted, first=request_id,
                              first_ucr=min(granted, full), carving_until=LATER)
         if lease.shared:
@@ -157,11 +165,16 @@ class Processes(RuleBasedStateMachine):
 
     @precondition(lambda self: self.in_flight)
     @rule(index=st.integers(0, 10**6), spent_pct=st.integers(0, 150))
-    def settle_one(self, index, spent_pct):
-        """What admission.record_bill does: the store takes the request's part, the slice learns it."""
+    def bill_one(self, index, spent_pct):
+        """What admission.record_bill does: a bill the slice holds whole goes to the ledger now and is
+        settled later; otherwise the store settles first (never past the ceiling), then the ledger."""
         request_id = sorted(self.in_flight)[index % len(self.in_flight)]
-        hold, _ = self.in_flight.pop(request_id)
+        hold, process = self.in_flight.pop(request_id)
         actual = hold.ucr * spent_pct // 100
+        if hold.shared and actual <= hold.ucr:
+            self.ledger += actual
+            self.unsettled[request_id] = (hold, actual, process)
+            return
         held = self.store.get(hold.reservation_id, 0)
         taken = min(actual, hold.ucr, held) if hold.shared else held
         bill = settle(actual, reserved_for_this_ucr=taken, used_ucr=self.used,
@@ -169,13 +182,27 @@ class Processes(RuleBasedStateMachine):
         if actual <= hold.ucr:
             assert bill == actual  # an honest worst case is always billed in full
         self.used += bill
+        self.ledger += bill
         if not hold.shared:
             self.store.pop(hold.reservation_id, None)
             return
-        self.store[hold.reservation_id] = held - taken
+        self._settled(request_id, hold, held - taken, min(actual, hold.ucr))
+
+    def _settled(self, request_id: str, hold: Hold, held_after: int, consumed: int) -> None:
+        self.store[hold.reservation_id] = held_after
         lease = self.slices[hold.reservation_id]
-        if lease.end(request_id, hold.ucr, min(actual, hold.ucr)):
+        if lease.end(request_id, hold.ucr, consumed):
             self._release(lease.lease_id)
+
+    @precondition(lambda self: self.unsettled)
+    @rule(index=st.integers(0, 10**6))
+    def settle_written(self, index):
+        """The settlement after the response: the counters follow the ledger, unclamped."""
+        request_id = sorted(self.unsettled)[index % len(self.unsettled)]
+        hold, bill, _ = self.unsettled.pop(request_id)
+        held = self.store[hold.reservation_id]
+        self.used += bill
+        self._settled(request_id, hold, held - min(bill, held), bill)
 
     @precondition(lambda self: self.in_flight)
     @rule(index=st.integers(0, 10**6))
@@ -191,11 +218,44 @@ class Processes(RuleBasedStateMachine):
     def time_is_up(self, process):
         self._retire(process)
 
+    @rule(process=st.integers(0, 2))
+    def dies(self, process):
+        """Killed: its requests in flight are never billed, the bills it wrote are never settled, and its
+        reservations stay in the store until they expire. A new process takes its place."""
+        self.in_flight = {rid: entry for rid, entry in self.in_flight.items() if entry[1] != process}
+        for request_id, (hold, bill, owner) in list(self.unsettled.items()):
+            if owner == process:
+                self.orphaned[request_id] = (hold, bill)
+                del self.unsettled[request_id]
+        self.admitting.pop(process, None)
+        for lease_id in [lease_id for lease_id, owner in self.owner.items() if owner == process]:
+            self.slices.pop(lease_id, None)
+            self.owner[lease_id] = -1  # nobody's: it runs out
+
+    @rule()
+    def reservations_run_out(self):
+        """The dead processes' reservations expire; the next reservation starts the counters again
+        from the ledger (reserve.lua)."""
+        expired = [lease_id for lease_id, owner in self.owner.items() if owner == -1 and lease_id in self.store]
+        for lease_id in expired:
+            del self.store[lease_id]
+            del self.owner[lease_id]
+        self.orphaned.clear()
+        if expired:
+            self.used = self.ledger
+
+    def _unsettled_total(self) -> int:
+        return sum(bill for _, bill, _ in self.unsettled.values()) + sum(bill for _, bill in self.orphaned.values())
+
     @invariant()
     def everything_admitted_is_backed_and_nothing_is_billed_past_the_ceiling(self):
-        assert self.used + sum(self.store.values()) <= self.limit.ucr
+        # Bills not yet settled are still held in their reservations: count them once.
+        assert self.ledger - self._unsettled_total() + sum(self.store.values()) <= self.limit.ucr
+        assert self.ledger <= self.limit.ucr
         for lease_id, lease in self.slices.items():
             holds = sum(hold.ucr for hold, _ in self.in_flight.values() if hold.reservation_id == lease_id)
+            # A bill written but not settled: its request still holds all it held.
+            holds += sum(hold.ucr for hold, _, _ in self.unsettled.values() if hold.reservation_id == lease_id)
             assert self.store[lease_id] == lease.room_ucr + holds
         for hold, _ in self.in_flight.values():
             assert hold.reservation_id in self.store
@@ -203,10 +263,14 @@ class Processes(RuleBasedStateMachine):
                 assert self.store[hold.reservation_id] == hold.ucr
 
     @invariant()
+    def the_counters_are_never_short_of_the_ledger(self):
+        assert self.used >= self.ledger - self._unsettled_total()
+
+    @invariant()
     def a_slice_is_given_back_once_nobody_holds_it(self):
         for lease in self.slices.values():
             assert not (lease.retired and not lease.holders)
-        for process, lease in self.admitting.items():
+        for lease in self.admitting.values():
             assert lease.lease_id in self.slices
 
 
