@@ -39,6 +39,8 @@ UNSEEDED = -2
 """What a script answers for an account with no `used` yet (new, Redis was flushed, or a reservation ran out)."""
 
 SEED_ATTEMPTS = 3
+"""Starts from the ledger one call may make: each is followed by the call, which an account reset again
+meanwhile (another reservation ran out, a flush) answers with UNSEEDED once more."""
 
 PROMPT_WAIT_SECONDS = 0.001
 """How long the event loop itself waits for Redis to answer a call it sent (`_call_promptly`): a local
