@@ -51,6 +51,7 @@ class Slice:
     """Requests admitted from it and not yet settled or released (the one that leased it included)."""
     retired: bool = False
     leased_ucr: int = 0
+    """The reservation it was leased with: its room, its requests' holds and what they have spent."""
     left_before_ucr: int | None = None
     """What was left under the ceiling when it was leased (others' bills and reservations deducted)."""
     expires_at: datetime | None = None
