@@ -246,7 +246,7 @@ async def test_what_is_left_after_each_bill_is_the_limit_less_what_was_billed(me
         assert meterline.counters.snapshot(account, meterline.clock()).used_ucr == 3 * (n + 1) * M
 
 
-async def test_a_proxy_killed_after_writing_a_bill_it_had_not_settled_loses_nothing(meterline, tmp_path):
+async def test_a_proxy_killed_after_writing_a_bill_it_had_not_settled_loses_nothing(meterline):
     """The bill is in the ledger, the counters never heard of it, the process is gone without giving
     its slice back. Once the slice's reservation runs out, another process's counters count the bill."""
     capped_customer(meterline, "killed", hard_limit_credits=1000)
