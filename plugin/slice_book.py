@@ -112,15 +112,15 @@ class SliceBook:
     async def _reserve_now(self, account: Account, request_id: str, ask: Ask, cap_ucr: int, now: datetime,
                            reservation_id: str) -> Taken:
         carving_until = now + timedelta(seconds=self.seconds)
-        granted = await self.counters.reserve_promptly(
-            account, reservation_id, ask, cap_ucr=cap_ucr, now=now,
-            expires_at=carving_until + timedelta(seconds=self.reservation_seconds))
+        expires_at = carving_until + timedelta(seconds=self.reservation_seconds)
+        granted = await self.counters.reserve_promptly(account, reservation_id, ask, cap_ucr=cap_ucr, now=now,
+                                                       expires_at=expires_at)
         if granted.granted_ucr is None:
             return Taken(None, granted.available_ucr)
         first = min(granted.granted_ucr, ask.full_ucr)
         lease = Slice.leased(reservation_id, cap_ucr=cap_ucr, granted_ucr=granted.granted_ucr, first=request_id,
                              first_ucr=first, carving_until=carving_until, left_before_ucr=granted.available_ucr,
-                             expires_at=carving_until + timedelta(seconds=self.reservation_seconds))
+                             expires_at=expires_at)
         if lease.shared:
             self._admitting[account] = lease
             self._open[reservation_id] = (account, lease)

@@ -108,6 +108,7 @@ class _Line:
         came: asyncio.Future[None] = loop.create_future()
         fd = self.connection._sock.fileno()  # redis-py has no public accessor for its socket
         loop.add_reader(fd, lambda: came.done() or came.set_result(None))
+        # A client without a socket timeout still does not leave a call waiting on the loop for ever.
         timeout = self.connection.socket_timeout or PATIENT_SECONDS
         timer = loop.call_later(timeout, lambda: came.done() or came.set_exception(
             redis.TimeoutError("Timeout reading from socket")))
