@@ -159,10 +159,10 @@ async def steady_phase(client: httpx.AsyncClient, key: str, count: int, concurre
 
 async def load_window(clients: dict, sides: dict, seconds: float, concurrency: int) -> dict[str, tuple[int, float, float]]:
     """Both sides at once, each with `concurrency` requests in flight, for `seconds`: per side the
-    requests answered, the proxy's CPU seconds and the window's wall seconds. Loaded together (and, pinned, on one shared
-    CPU), the two proxies meet the same moment of the machine: its speed drifts by tens of percent
-    within seconds, which makes load runs taken one after the other differ by more than the plugin
-    costs."""
+    requests answered, the proxy's CPU seconds and the window's wall seconds. Loaded together (and,
+    pinned, on one shared CPU), the two proxies meet the same moment of the machine: its speed
+    drifts by tens of percent within seconds, which makes load runs taken one after the other
+    differ by more than the plugin costs."""
     answered = dict.fromkeys(sides, 0)
     stop = time.perf_counter() + seconds
 
@@ -267,7 +267,8 @@ def report(results: dict, args) -> str:
     ratio_low, ratio_high = bootstrap_interval(statistics.median, ratios)
     loaded_cpu = {name: statistics.median(cpu / answered * 1000 for answered, cpu, _ in side["windows"])
                   for name, side in results.items()}
-    capacity = [(off_cpu / off_answered) / (on_cpu / on_answered) for (on_answered, on_cpu, _), (off_answered, off_cpu, _) in windows]
+    capacity = [(off_cpu / off_answered) / (on_cpu / on_answered)
+                for (on_answered, on_cpu, _), (off_answered, off_cpu, _) in windows]
     capacity_low, capacity_high = bootstrap_interval(statistics.median, capacity)
     cpu = {name: side["cpu"] / side["requests"] * 1000 for name, side in results.items()}
     steady = f"{args.concurrency} concurrent, {args.model_ms} ms model"
@@ -327,9 +328,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     # Pinned: the proxies share the last CPU and everything else (this load generator, the upstream,
-    # redis-server, the Stripe emulator) runs on the others, so the two proxies meet the same
-    # neighbours; unpinned, where the scheduler happens to put each proxy decides up to ~1 ms of its
-    # CPU per request (A/A runs, bench/RESULTS.md).
+    # redis-server, the Stripe emulator) runs on the others. The proxies then meet the same
+    # neighbours, and in a load window, loaded together, each gets half of one CPU.
     cpus = sorted(os.sched_getaffinity(0))
     proxy_cpus = {cpus[-1]} if args.pin and len(cpus) > 1 else None
     if proxy_cpus:
