@@ -116,17 +116,20 @@ def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float:
     return lower
 
 
+async def chat(client: httpx.AsyncClient, key: str, body: dict = BODY) -> None:
+    """One chat completion through a proxy; a failed one ends the run (every answer must count)."""
+    response = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    response.raise_for_status()
+
+
 async def latency_phase(clients: dict, sides: dict, count: int) -> dict[str, list[float]]:
     """Sequential requests alternating between the sides, so any drift hits both alike."""
     samples: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(count):
         for name, side in sides.items():
             start = time.perf_counter()
-            response = await clients[name].post(
-                "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {side['key']}"}
-            )
+            await chat(clients[name], side["key"])
             samples[name].append((time.perf_counter() - start) * 1000)
-            response.raise_for_status()
     return samples
 
 
@@ -135,9 +138,8 @@ async def back_to_back_phase(client: httpx.AsyncClient, key: str, count: int) ->
     samples = []
     for _ in range(count):
         start = time.perf_counter()
-        response = await client.post("/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"})
+        await chat(client, key)
         samples.append((time.perf_counter() - start) * 1000)
-        response.raise_for_status()
     return samples
 
 
@@ -150,8 +152,7 @@ async def steady_phase(client: httpx.AsyncClient, key: str, count: int, concurre
 
     async def one(due: float) -> float:
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
-        response = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
-        response.raise_for_status()
+        await chat(client, key, body)
         return (time.perf_counter() - due) * 1000
 
     return list(await asyncio.gather(*(one(start + i * interval) for i in range(count))))
@@ -168,10 +169,7 @@ async def load_window(clients: dict, sides: dict, seconds: float, concurrency: i
 
     async def worker(name: str) -> None:
         while time.perf_counter() < stop:
-            response = await clients[name].post(
-                "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {sides[name]['key']}"}
-            )
-            response.raise_for_status()
+            await chat(clients[name], sides[name]["key"])
             answered[name] += 1
 
     cpu_before = {name: cpu_seconds(side["pid"]) for name, side in sides.items()}
