@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plugin.ledger import store  # noqa: E402
 from plugin.ledger.store import make_engine  # noqa: E402
 from plugin.settings import MeterlineConfig, Settings  # noqa: E402
-from plugin.stripe_setup import StripeSetup  # noqa: E402
+from plugin.stripe.setup import StripeSetup  # noqa: E402
 from tests.support.delivery import PRICED_YAML, stripe_env  # noqa: E402
 from tests.support.proxy import MASTER_KEY, METERLINE_YAML, run_proxy  # noqa: E402
 from tests.support.redis_server import running_redis  # noqa: E402

@@ -26,8 +26,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from plugin.ledger import store  # noqa: E402
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine  # noqa: E402
+from plugin.ledger.store import make_engine  # noqa: E402
 from plugin.outbox.relay import Relay, RelayOptions  # noqa: E402
+from plugin.rules.records import BillingRecord, LedgerRow  # noqa: E402
 from plugin.sinks.stripe import StripeConfig, StripeSink  # noqa: E402
 from tests.support.processes import free_port, stop_process  # noqa: E402
 

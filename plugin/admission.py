@@ -1,8 +1,8 @@
 """Admission and settlement of one request, for any gateway: the breaker, the rate limit and the
 ceiling before the call; the bill, soft limits and the breaker's trip after it.
 
-The decisions are the pure policies (plugin.policy, plugin.ratelimit, plugin.breaker,
-plugin.limits); this module fetches their inputs (customer profile, counters), applies their
+The decisions are the pure policies (plugin.rules.policy, plugin.rules.ratelimit, plugin.rules.breaker,
+plugin.rules.limits); this module fetches their inputs (customer profile, counters), applies their
 answers (refuse, clamp, reserve, trip, notify) and never imports a gateway. plugin.litellm_hooks
 turns a `Refused` into LiteLLM's error, calls `admit` / `record_bill` / `release`, and runs a bill's
 `after` in the background.
@@ -14,24 +14,34 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from plugin import breaker, metrics
-from plugin.breaker import BreakerStatus
+from plugin import metrics
 from plugin.counters.base import Account, CounterError, Grant, Settled
 from plugin.ledger import accounts
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
-from plugin.ledger.store import BillingRecord
-from plugin.limits import crossed_thresholds, soft_limit_base_ucr
 from plugin.notify import Notice
-from plugin.policy import Ceiling, Estimate, Refusal, ask, credits_text, interpret, refusal_message
-from plugin.ratelimit import RateLimit, decide as rate_decide
+from plugin.rules import breaker
+from plugin.rules.breaker import BreakerStatus
+from plugin.rules.limits import crossed_thresholds, soft_limit_base_ucr
+from plugin.rules.policy import (
+    Ceiling,
+    Estimate,
+    Refusal,
+    ask,
+    credits_text,
+    interpret,
+    refusal_message,
+)
+from plugin.rules.ratelimit import RateLimit
+from plugin.rules.ratelimit import decide as rate_decide
+from plugin.rules.records import BillingRecord
+from plugin.rules.slices import Hold
 from plugin.runtime import Meterline
-from plugin.slices import Hold
 from plugin.tasks import to_the_end
 
 log = logging.getLogger("meterline")
@@ -129,7 +139,7 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
         from_slice=rate is None)
     request = None if estimate is None else ask(estimate, policies.min_output_tokens)
     try:
-        if rate is None:  # a ceiling only: admitted from this process's budget slice when it can (plugin.slices)
+        if rate is None:  # a ceiling only: admitted from this process's budget slice when it can (plugin.rules.slices)
             taken = await meterline.slices.take(account, request_id, request, cap_ucr=limit.ucr, now=now)
             hold, available, counted = taken.hold, taken.available_ucr, None
         else:  # every request is counted against the rate limit: one counter-store call each

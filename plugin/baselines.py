@@ -17,11 +17,11 @@ from fractions import Fraction
 
 from sqlalchemy import Engine
 
-from plugin.breaker import BreakerConfig, typical_hourly_ucr
 from plugin.ledger.accounts import Profile
 from plugin.ledger.store import billed_between
-from plugin.plans import Period
-from plugin.pricing import round_half_up
+from plugin.rules.breaker import BreakerConfig, typical_hourly_ucr
+from plugin.rules.plans import Period
+from plugin.rules.pricing import round_half_up
 
 
 @dataclass(frozen=True)

@@ -24,19 +24,28 @@ from datetime import UTC, datetime
 import litellm
 from fastapi import Request
 from litellm.integrations.custom_logger import CustomLogger
-from litellm.litellm_core_utils.core_helpers import get_metadata_variable_name_from_kwargs
+from litellm.litellm_core_utils.core_helpers import (
+    get_metadata_variable_name_from_kwargs,
+)
 from litellm.proxy._types import LitellmUserRoles, ProxyException, UserAPIKeyAuth
 
 from plugin import admission, metrics, runtime
 from plugin.api import PREFIX, router
-from plugin.identity import (
-    CUSTOMER_HEADER, METADATA_KEY, AuthFailure, UnknownKey, customer_from_metadata, identify,
-    Template, is_master_key, request_labels,
+from plugin.rules.identity import (
+    CUSTOMER_HEADER,
+    METADATA_KEY,
+    AuthFailure,
+    Template,
+    UnknownKey,
+    customer_from_metadata,
+    identify,
+    is_master_key,
+    request_labels,
 )
-from plugin.metering import FinishedCall, bill, prompt_token_bound
-from plugin.pricing import Usage
-from plugin.slices import Hold
-from plugin.streams import StreamTally, as_mapping, response_text, response_usage
+from plugin.rules.metering import FinishedCall, bill, prompt_token_bound
+from plugin.rules.pricing import Usage
+from plugin.rules.slices import Hold
+from plugin.rules.streams import StreamTally, as_mapping, response_text, response_usage
 from plugin.tasks import in_background
 
 log = logging.getLogger("meterline")

@@ -6,10 +6,10 @@ by file path), so process-wide state lives here, in a normally imported module.
 
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,29 +20,47 @@ from sqlalchemy import Engine
 
 from plugin import metrics
 from plugin.baselines import Baselines
-from plugin.breaker import BreakerConfig
+from plugin.counters.base import CounterStore
+from plugin.counters.redis import RedisCounterStore
+from plugin.counters.sql import SqlCounterStore
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.checkpoint import WalCheckpointer
 from plugin.ledger.directory import Directory
 from plugin.ledger.store import billed_between, make_engine
-from plugin.limits import effective_ceiling
-from plugin.notify import Notice, Notifier, SmtpConfig
 from plugin.ledger.writer import LedgerWriter
-from plugin.slice_book import SliceBook
+from plugin.notify import Notice, Notifier, SmtpConfig
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread
 from plugin.outbox.retry import RetryPolicy
-from plugin.counters.base import CounterStore
-from plugin.counters.redis import RedisCounterStore
-from plugin.counters.sql import SqlCounterStore
-from plugin.plans import Period, anchored_month, calendar_month, credits_to_ucr
-from plugin.policy import Ceiling, Estimate
-from plugin.pricing import PER_MILLION, UCR_PER_CREDIT, CreditRule, PriceBook, ProviderPrice, Weights, round_half_up
+from plugin.rules.breaker import BreakerConfig
+from plugin.rules.limits import effective_ceiling
+from plugin.rules.plans import Period, anchored_month, calendar_month, credits_to_ucr
+from plugin.rules.policy import Ceiling, Estimate
+from plugin.rules.pricing import (
+    PER_MILLION,
+    UCR_PER_CREDIT,
+    CreditRule,
+    PriceBook,
+    ProviderPrice,
+    Weights,
+    round_half_up,
+)
+from plugin.settings import (
+    DEFAULT_WEIGHTS,
+    ConfigError,
+    MeterlineConfig,
+    ModelPricingConfig,
+    PlanConfig,
+    PriceConfig,
+    PricingConfig,
+    Settings,
+    WeightsConfig,
+    config_path,
+    load_config,
+    load_settings,
+)
 from plugin.sinks.base import Sink
 from plugin.sinks.stripe import StripeConfig, StripeSink
-from plugin.settings import (
-    DEFAULT_WEIGHTS, ConfigError, MeterlineConfig, ModelPricingConfig, PlanConfig, PriceConfig, PricingConfig,
-    Settings, WeightsConfig, config_path, load_config, load_settings,
-)
+from plugin.slice_book import SliceBook
 
 
 def _overlay(base: BaseModel, override: BaseModel | None) -> dict:
@@ -95,7 +113,9 @@ def build_sink(settings: Settings, config: MeterlineConfig) -> Sink | None:
         case "openmeter":
             if not settings.openmeter_url:
                 raise ConfigError("METERLINE_SINK=openmeter needs METERLINE_OPENMETER_URL")
-            from plugin.sinks.openmeter import OpenMeterSink  # only when chosen: it needs nothing of Stripe's
+            from plugin.sinks.openmeter import (
+                OpenMeterSink,  # only when chosen: it needs nothing of Stripe's
+            )
 
             return OpenMeterSink(settings.openmeter_url, settings.openmeter_token)
     return None
@@ -156,7 +176,7 @@ class Meterline:
 
     @cached_property
     def slices(self) -> SliceBook:
-        """This process's budget slices of capped customers (plugin/slices.py)."""
+        """This process's budget slices of capped customers (plugin/rules/slices.py)."""
         policies = self.config.policies
         return SliceBook(self.counters, requests=policies.slice_requests, seconds=policies.slice_seconds,
                          reservation_seconds=policies.reservation_seconds)

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -181,7 +188,7 @@ class CacheHitFee(_Strict):
 
 
 class BreakerConfigModel(_Strict):
-    """The spend-velocity circuit breaker (plugin/breaker.py)."""
+    """The spend-velocity circuit breaker (plugin/rules/breaker.py)."""
 
     enabled: bool = True
     multiplier: Positive = Fraction(10)
@@ -207,7 +214,7 @@ class PoliciesConfig(_Strict):
     """How long a reservation holds if its request never settles (a crashed proxy)."""
     slice_requests: int = Field(default=32, ge=1, le=10_000)
     """A proxy process reserves budget for this many of a capped customer's requests at once and
-    admits them from memory (plugin/slices.py); 1 reserves per request. Never more than a quarter
+    admits them from memory (plugin/rules/slices.py); 1 reserves per request. Never more than a quarter
     of what the customer has left, so near the ceiling every request reserves for itself."""
     slice_seconds: float = Field(default=2.0, gt=0, le=60)
     """How long a budget slice admits requests before what is left of it is given back."""

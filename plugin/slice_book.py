@@ -1,4 +1,4 @@
-"""This process's budget slices (plugin/slices.py): at most one admitting slice per account, leased
+"""This process's budget slices (plugin/rules/slices.py): at most one admitting slice per account, leased
 from the counter store when a request does not fit in the current one, given back when retired
 and drained. Runs on the event loop only, so the slices need no lock; the store calls run on
 worker threads.
@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from functools import partial
 
 from plugin.counters.base import Account, CounterError, CounterStore
-from plugin.policy import Ask
-from plugin.slices import Hold, Slice
+from plugin.rules.policy import Ask
+from plugin.rules.slices import Hold, Slice
 from plugin.tasks import in_background, to_the_end
 
 log = logging.getLogger("meterline")

@@ -19,7 +19,11 @@ from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
-from tests.support.postgres import empty_all_tables, postgres_available, running_postgres
+from tests.support.postgres import (
+    empty_all_tables,
+    postgres_available,
+    running_postgres,
+)
 from tests.support.proxy import MASTER_KEY, Proxy, run_proxy
 from tests.support.redis_server import running_redis
 from tests.support.upstream import Upstream, run_upstream

@@ -8,10 +8,10 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.breaker import CLOSED, BreakerStatus, reset, trip
 from plugin.ledger import accounts, store
 from plugin.ledger.store import StoreError, make_engine
-from plugin.limits import Limits
+from plugin.rules.breaker import CLOSED, BreakerStatus, reset, trip
+from plugin.rules.limits import Limits
 from plugin.settings import TermsOverride
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

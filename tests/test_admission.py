@@ -18,7 +18,7 @@ from plugin.admission import Refused
 from plugin.counters.base import Account, Settled, Snapshot
 from plugin.ledger import accounts, store
 from plugin.ledger.models import Customer
-from plugin.ledger.store import BillingRecord, LedgerRow
+from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.runtime import Meterline
 from plugin.settings import MeterlineConfig, Settings, TermsOverride
 

@@ -8,8 +8,16 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.breaker import (
-    CLOSED, SYSTEM, BreakerConfig, BreakerStatus, on_request, reset, threshold_ucr, trip, typical_hourly_ucr,
+from plugin.rules.breaker import (
+    CLOSED,
+    SYSTEM,
+    BreakerConfig,
+    BreakerStatus,
+    on_request,
+    reset,
+    threshold_ucr,
+    trip,
+    typical_hourly_ucr,
 )
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -13,8 +13,8 @@ import pytest
 from plugin import runtime
 from plugin.cli import main
 from plugin.ledger import store
-from plugin.ledger.store import BillingRecord, LedgerRow
-from plugin.plans import calendar_month
+from plugin.rules.plans import calendar_month
+from plugin.rules.records import BillingRecord, LedgerRow
 
 M = 1_000_000
 
@@ -238,7 +238,7 @@ def test_usage_json_counts_reservations_in_flight(cli, ledger):
     from datetime import timedelta
 
     from plugin.counters.base import Account
-    from plugin.policy import Ask
+    from plugin.rules.policy import Ask
 
     now = datetime.now(UTC)
     account = Account("acme", calendar_month(now).start)

@@ -1,6 +1,6 @@
 """One suite over every counter store: embedded (SQLite, PostgreSQL) and a real redis-server.
 
-Each backend must do exactly what `plugin.policy.grant` / `settle` say, atomically.
+Each backend must do exactly what `plugin.rules.policy.grant` / `settle` say, atomically.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import pytest
 import redis
@@ -18,9 +18,10 @@ from sqlalchemy import text
 from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot
 from plugin.counters.redis import RedisCounterStore
 from plugin.counters.sql import SqlCounterStore
-from plugin.ledger.store import BillingRecord, LedgerRow, billed_between, make_engine, write_records
-from plugin.policy import Ask, Ceiling, Refusal, grant, settle
-from plugin.ratelimit import RateLimit
+from plugin.ledger.store import billed_between, make_engine, write_records
+from plugin.rules.policy import Ask, Ceiling, Refusal, grant, settle
+from plugin.rules.ratelimit import RateLimit
+from plugin.rules.records import BillingRecord, LedgerRow
 from tests.support.postgres import empty_all_tables
 from tests.support.processes import free_port
 

@@ -6,8 +6,8 @@ as a CounterError."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import pytest
@@ -17,7 +17,7 @@ from plugin.counters import redis as redis_counters
 from plugin.counters.base import Account, CounterError, Settled, Snapshot
 from plugin.counters.redis import RedisCounterStore
 from plugin.ledger.store import billed_between, make_engine
-from plugin.policy import Ask
+from plugin.rules.policy import Ask
 from tests.support.processes import free_port
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -26,15 +26,16 @@ import yaml
 from plugin import runtime
 from plugin.cli import main as cli_main
 from plugin.ledger import store
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+from plugin.ledger.store import make_engine
 from plugin.outbox import store as outbox
+from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.settings import MeterlineConfig
-from plugin.stripe_setup import StripeSetup
+from plugin.stripe.setup import StripeSetup
 from tests.support.delivery import PRICED_YAML, ask, stripe_env, wait_for
 from tests.support.postgres import empty_all_tables
+from tests.support.processes import stop_process
 from tests.support.proxy import MASTER_KEY, run_proxy
 from tests.support.stripe_emulator import StripeEmulator, run_stripe_emulator
-from tests.support.processes import stop_process
 
 pytestmark = pytest.mark.proxy
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from litellm.proxy._types import UserAPIKeyAuth
 
-from plugin.identity import (
-    AuthFailure, Identity, Template, UnknownKey, customer_from_metadata, identify, request_labels,
+from plugin.rules.identity import (
+    AuthFailure,
+    Identity,
+    Template,
+    UnknownKey,
+    customer_from_metadata,
+    identify,
+    request_labels,
 )
 
 MASTER = "sk-master-0123456789"

@@ -10,8 +10,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from plugin.ledger import store
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
+from plugin.rules.records import BillingRecord, LedgerRow
 
 
 @pytest.fixture

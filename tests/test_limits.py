@@ -7,11 +7,16 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.limits import (
-    Limits, crossed_thresholds, effective_ceiling, next_threshold, soft_limit_base_ucr, threshold_ucr,
+from plugin.rules.limits import (
+    Limits,
+    crossed_thresholds,
+    effective_ceiling,
+    next_threshold,
+    soft_limit_base_ucr,
+    threshold_ucr,
     usd_limit_as_ucr,
 )
-from plugin.policy import Ceiling, Refusal, refusal_message, usd_text
+from plugin.rules.policy import Ceiling, Refusal, refusal_message, usd_text
 from plugin.settings import PlanConfig
 
 M = 1_000_000

@@ -9,8 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plugin.metering import FinishedCall, bill, prompt_token_bound, usage_from_openai
-from plugin.pricing import CreditRule, PriceBook, ProviderPrice, Usage, Weights
+from plugin.rules.metering import (
+    FinishedCall,
+    bill,
+    prompt_token_bound,
+    usage_from_openai,
+)
+from plugin.rules.pricing import CreditRule, PriceBook, ProviderPrice, Usage, Weights
 
 M = 1_000_000
 WHEN = datetime(2025, 3, 14, 15, 9, 26, tzinfo=UTC)

@@ -9,8 +9,14 @@ from datetime import UTC, datetime, timedelta, timezone
 import httpx
 import pytest
 
-from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, Sink
-from plugin.sinks.base import retry_after_seconds
+from plugin.sinks.base import (
+    DELIVERED,
+    MeterEvent,
+    Outcome,
+    OutcomeKind,
+    Sink,
+    retry_after_seconds,
+)
 from plugin.sinks.openmeter import (
     BATCH_TYPE,
     SINGLE_TYPE,
@@ -434,7 +440,8 @@ def test_relay_cli_delivers_to_openmeter_through_the_configured_sink(tmp_path, m
     from plugin import runtime
     from plugin.cli import main
     from plugin.ledger import store
-    from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+    from plugin.ledger.store import make_engine
+    from plugin.rules.records import BillingRecord, LedgerRow
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     engine = make_engine(url)

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from plugin.ledger import store as ledger
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+from plugin.ledger.store import make_engine
 from plugin.outbox import store
 from plugin.outbox.retry import Status, Step
+from plugin.rules.records import BillingRecord, LedgerRow
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LEASE = timedelta(seconds=30)

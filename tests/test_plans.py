@@ -7,7 +7,13 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.plans import Period, anchored_month, calendar_month, credits_to_ucr, project_period_total
+from plugin.rules.plans import (
+    Period,
+    anchored_month,
+    calendar_month,
+    credits_to_ucr,
+    project_period_total,
+)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from plugin.policy import Ask, Ceiling, Decision, Estimate, Refusal, ask, ceiling, decide, grant, settle
+from plugin.rules.policy import (
+    Ask,
+    Ceiling,
+    Decision,
+    Estimate,
+    Refusal,
+    ask,
+    ceiling,
+    decide,
+    grant,
+    settle,
+)
 
 M = 1_000_000
 
@@ -187,7 +198,7 @@ def test_a_clamped_request_never_costs_more_than_its_reservation_nor_what_was_le
 def test_refusal_messages_word_for_word():
     from datetime import UTC, datetime
 
-    from plugin.policy import credits_text, refusal_message
+    from plugin.rules.policy import credits_text, refusal_message
 
     end = datetime(2026, 12, 1, tzinfo=UTC)
     assert credits_text(100 * M) == "100" and credits_text(2_500_000) == "2.5" and credits_text(1) == "0.000001"

@@ -10,15 +10,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from plugin.pricing import (
+from plugin.rules.pricing import (
     CreditRule,
     LinearPrice,
     ProviderPrice,
     Usage,
     Weights,
+    _half_up,
     price,
     price_from_model_cost,
-    _half_up,
     round_half_up,
     usd_per_token_from_table,
 )
@@ -26,7 +26,7 @@ from plugin.runtime import build_price_book
 from plugin.settings import MeterlineConfig
 
 M = 1_000_000
-PRICING_PY = Path(__file__).resolve().parents[1] / "plugin" / "pricing.py"
+PRICING_PY = Path(__file__).resolve().parents[1] / "plugin" / "rules" / "pricing.py"
 
 # The documented default weights of meterline.yaml, as exact Fractions.
 WEIGHTS = Weights(

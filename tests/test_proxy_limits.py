@@ -11,7 +11,7 @@ import pytest
 from plugin.counters.base import Account, Snapshot
 from plugin.ledger import accounts, store
 from plugin.ledger.store import make_engine
-from plugin.plans import calendar_month
+from plugin.rules.plans import calendar_month
 
 pytestmark = pytest.mark.proxy
 

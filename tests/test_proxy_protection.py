@@ -18,7 +18,7 @@ import pytest
 from plugin.counters.base import Account
 from plugin.ledger import store
 from plugin.outbox import store as outbox_store
-from plugin.plans import calendar_month
+from plugin.rules.plans import calendar_month
 from tests.conftest import MeteredProxy, _metered_proxy
 from tests.support.proxy import METERLINE_YAML
 from tests.support.smtp import Mailbox, receiving_mail

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugin.ratelimit import RateDecision, RateLimit, admits, decide
+from plugin.rules.ratelimit import RateDecision, RateLimit, admits, decide
 
 TEN_A_MINUTE = RateLimit(requests=10, window_ms=60_000)
 

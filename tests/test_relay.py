@@ -14,9 +14,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from plugin.ledger import store as ledger
-from plugin.ledger.store import BillingRecord, LedgerRow, make_engine
+from plugin.ledger.store import make_engine
 from plugin.outbox import store
 from plugin.outbox.relay import Relay, RelayOptions
+from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.sinks.base import DELIVERED, DUPLICATE, MeterEvent, Outcome, OutcomeKind
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from plugin.runtime import build_price_book
-from plugin.settings import ConfigError, MeterlineConfig, Settings, config_path, load_config, valid_customer_id
+from plugin.settings import (
+    ConfigError,
+    MeterlineConfig,
+    Settings,
+    config_path,
+    load_config,
+    valid_customer_id,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Budget slices (plugin/slices.py): the pure bookkeeping, and a property test of several processes
+"""Budget slices (plugin/rules/slices.py): the pure bookkeeping, and a property test of several processes
 admitting from slices of one customer's budget against a model counter store (policy.grant and
 policy.settle over plain integers), in any interleaving."""
 
@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from plugin.policy import Ask, Ceiling, Refusal, grant, settle
-from plugin.slices import Hold, Slice
+from plugin.rules.policy import Ask, Ceiling, Refusal, grant, settle
+from plugin.rules.slices import Hold, Slice
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(seconds=2)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from litellm.types.utils import ModelResponseStream, StreamingChoices, Delta, Usage as LiteLLMUsage
+from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
+from litellm.types.utils import Usage as LiteLLMUsage
 
-from plugin.pricing import Usage
-from plugin.streams import StreamTally, response_text, response_usage
+from plugin.rules.pricing import Usage
+from plugin.rules.streams import StreamTally, response_text, response_usage
 
 
 def sse(event: str, payload: dict) -> bytes:

@@ -8,14 +8,14 @@ from fractions import Fraction
 
 import aiohttp
 import httpx
-from aiohttp.client_reqrep import ConnectionKey
 import pytest
 import stripe
+from aiohttp.client_reqrep import ConnectionKey
 
 from plugin.settings import ConfigError, MeterlineConfig
 from plugin.sinks.base import OutcomeKind
 from plugin.sinks.stripe import classify_error, outside_window
-from plugin.stripe_setup import Tier, catalog, exact_decimal
+from plugin.stripe.setup import Tier, catalog, exact_decimal
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import stripe
 
-from plugin.stripe_emulator.webhooks import WebhookSender
+from plugin.stripe.emulator.webhooks import WebhookSender
 from tests.support.stripe_emulator import StripeEmulator, run_stripe_emulator
 
 pytestmark = pytest.mark.filterwarnings(

@@ -7,14 +7,19 @@ from fractions import Fraction
 
 import pytest
 
-from plugin.stripe_emulator.clock import month_period
-from plugin.stripe_emulator.errors import ApiError
-from plugin.stripe_emulator.faults import Faults
-from plugin.stripe_emulator.forms import InvalidParam, Params, decode_form, decode_query
-from plugin.stripe_emulator.idempotency import IdempotencyStore, StoredResponse
-from plugin.stripe_emulator.meter_events import grouping_windows
-from plugin.stripe_emulator.money import Tier, graduated_amount, round_half_up, volume_amount
-from plugin.stripe_emulator.state import EmulatorState
+from plugin.stripe.emulator.clock import month_period
+from plugin.stripe.emulator.errors import ApiError
+from plugin.stripe.emulator.faults import Faults
+from plugin.stripe.emulator.forms import InvalidParam, Params, decode_form, decode_query
+from plugin.stripe.emulator.idempotency import IdempotencyStore, StoredResponse
+from plugin.stripe.emulator.meter_events import grouping_windows
+from plugin.stripe.emulator.money import (
+    Tier,
+    graduated_amount,
+    round_half_up,
+    volume_amount,
+)
+from plugin.stripe.emulator.state import EmulatorState
 
 START = datetime(2026, 3, 10, 12, 0, tzinfo=UTC).timestamp()
 DAY = 86_400

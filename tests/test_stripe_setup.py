@@ -13,7 +13,11 @@ import yaml
 from plugin import runtime
 from plugin.cli import main
 from plugin.ledger import store
-from tests.support.stripe_emulator import DEFAULT_API_KEY, StripeEmulator, run_stripe_emulator
+from tests.support.stripe_emulator import (
+    DEFAULT_API_KEY,
+    StripeEmulator,
+    run_stripe_emulator,
+)
 
 PLANS = {
     "pro": {"included_credits": 10000, "base_fee_usd": "20", "overage_usd_per_credit": "0.002"},

@@ -10,10 +10,14 @@ import pytest
 from plugin.settings import MeterlineConfig
 from plugin.sinks.base import MeterEvent, OutcomeKind
 from plugin.sinks.stripe import StripeConfig, StripeSink
-from plugin.stripe_setup import StripeSetup
+from plugin.stripe.setup import StripeSetup
 from tests.support.delivery import PRICED_YAML
 from tests.support.processes import free_port
-from tests.support.stripe_emulator import DEFAULT_API_KEY, StripeEmulator, run_stripe_emulator
+from tests.support.stripe_emulator import (
+    DEFAULT_API_KEY,
+    StripeEmulator,
+    run_stripe_emulator,
+)
 
 
 @pytest.fixture(scope="module")

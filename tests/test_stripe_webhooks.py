@@ -19,8 +19,8 @@ from plugin.ledger import store
 from plugin.ledger.store import make_engine
 from plugin.outbox import store as outbox
 from plugin.settings import MeterlineConfig
-from plugin.stripe_setup import StripeSetup
-from plugin.stripe_webhooks import meter_error_report
+from plugin.stripe.setup import StripeSetup
+from plugin.stripe.webhooks import meter_error_report
 from tests.support.delivery import PRICED_YAML, ask, stripe_env, wait_for
 from tests.support.processes import free_port
 from tests.support.proxy import run_proxy

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from datetime import UTC, datetime
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import stripe
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
@@ -21,7 +21,7 @@ from plugin import __version__, metrics, runtime
 from plugin.ledger.store import as_utc
 from plugin.outbox import store as outbox_store
 from plugin.outbox.retry import Status
-from plugin.stripe_webhooks import meter_error_report
+from plugin.stripe.webhooks import meter_error_report
 
 PREFIX = "/meterline/v1"
 
@@ -135,7 +135,7 @@ async def outbox(
 @router.post("/stripe/webhook")
 async def stripe_webhook(request: Request, stripe_signature: Annotated[str | None, Header()] = None) -> JSONResponse:
     """Stripe's webhooks, verified with STRIPE_WEBHOOK_SECRET. Acts on meter error reports (see
-    plugin/stripe_webhooks.py); other events are acknowledged and ignored."""
+    plugin/stripe/webhooks.py); other events are acknowledged and ignored."""
     secret = runtime.current().settings.stripe_webhook_secret
     if not secret:
         return _error(503, "webhook_not_configured", "Set STRIPE_WEBHOOK_SECRET to receive Stripe webhooks.")

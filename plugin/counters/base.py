@@ -1,4 +1,4 @@
-"""The counter-store protocol. The arithmetic it must do is `plugin.policy.grant` and `settle`:
+"""The counter-store protocol. The arithmetic it must do is `plugin.rules.policy.grant` and `settle`:
 a backend only makes them atomic against concurrent requests."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from plugin.policy import Ask
-from plugin.ratelimit import RateLimit
+from plugin.rules.policy import Ask
+from plugin.rules.ratelimit import RateLimit
 
 
 class CounterError(Exception):
@@ -72,7 +72,7 @@ class CounterStore(Protocol):
     def reserve(self, account: Account, reservation_id: str, ask: Ask | None, *, cap_ucr: int | None,
                 expires_at: datetime, now: datetime, rate: RateLimit | None = None) -> Grant:
         """ONE atomic admission step: count the request against `rate` (refusing it if it does not
-        fit, per `plugin.ratelimit.admits`), then drop the account's expired reservations and
+        fit, per `plugin.rules.ratelimit.admits`), then drop the account's expired reservations and
         reserve per `policy.grant`. `ask=None` reserves nothing (a customer with no ceiling)."""
         ...
 
@@ -87,7 +87,7 @@ class CounterStore(Protocol):
         the customer's spend in the current hour. An unknown reservation (expired, never made)
         bills as if it had reserved nothing.
 
-        `portion_ucr`: the reservation is a slice several requests share (plugin.slices): take at
+        `portion_ucr`: the reservation is a slice several requests share (plugin.rules.slices): take at
         most this much of it for the bill and keep the rest held, instead of ending it.
         `already_in_ledger`: the bill's ledger row is committed (a customer without a ceiling, whose
         counters follow the ledger): if this call has to start the account from the ledger, the bill

@@ -2,7 +2,7 @@
 registered with redis-py's `register_script`, so it runs by EVALSHA), on keys from keys.py.
 
 The scripts only add, subtract and compare integers (exact in Lua's doubles below 2^53 µcr, nine
-billion credits), mirroring `plugin.policy.grant` / `settle` and `plugin.ratelimit.admits`; the
+billion credits), mirroring `plugin.rules.policy.grant` / `settle` and `plugin.rules.ratelimit.admits`; the
 shared backend test-suite checks them against those functions.
 """
 
@@ -21,10 +21,17 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot, hour_index
+from plugin.counters.base import (
+    Account,
+    CounterError,
+    Grant,
+    Settled,
+    Snapshot,
+    hour_index,
+)
 from plugin.counters.keys import account_keys, hour_keys, rate_keys
-from plugin.policy import Ask
-from plugin.ratelimit import RateLimit, window_index
+from plugin.rules.policy import Ask
+from plugin.rules.ratelimit import RateLimit, window_index
 
 log = logging.getLogger("meterline.counters")
 

@@ -3,8 +3,8 @@
 
 Each operation starts with a write to the account row (an UPDATE), so SQLite takes its write lock
 and Postgres locks the row before anything is read: a concurrent request waits instead of
-deciding from stale numbers. The decisions are `plugin.policy.grant` / `settle` and
-`plugin.ratelimit.admits`, called as is.
+deciding from stale numbers. The decisions are `plugin.rules.policy.grant` / `settle` and
+`plugin.rules.ratelimit.admits`, called as is.
 
 Every statement is built once, with bind parameters, below, and run as prepared
 (`plugin.ledger.prepared`): SQLAlchemy's work per execution cost several times the statement's.
@@ -18,17 +18,33 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 
-from sqlalchemy import Connection, Engine, bindparam, delete, func, literal, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import SQLAlchemyError
 
-from plugin.counters.base import Account, CounterError, Grant, Settled, Snapshot, hour_index
+from plugin.counters.base import (
+    Account,
+    CounterError,
+    Grant,
+    Settled,
+    Snapshot,
+    hour_index,
+)
 from plugin.ledger.models import CounterRow, RateWindow, ReservationRow, SpendHour
 from plugin.ledger.prepared import Prepared
 from plugin.ledger.store import billed_since
-from plugin.policy import Ask, Ceiling, Refusal, grant, settle
-from plugin.ratelimit import RateLimit, admits, window_index
+from plugin.rules.policy import Ask, Ceiling, Refusal, grant, settle
+from plugin.rules.ratelimit import RateLimit, admits, window_index
 
 _COUNTERS = CounterRow.__table__
 _RESERVATIONS = ReservationRow.__table__

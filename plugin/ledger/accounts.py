@@ -17,12 +17,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from plugin.breaker import CLOSED, BreakerState, BreakerStatus, Transition
 from plugin.ledger.models import (
-    BreakerEvent, BreakerRow, Customer, CustomerLimits, SoftLimitNotice, Switch, utcnow,
+    BreakerEvent,
+    BreakerRow,
+    Customer,
+    CustomerLimits,
+    SoftLimitNotice,
+    Switch,
+    utcnow,
 )
 from plugin.ledger.store import StoreError, as_utc
-from plugin.limits import NO_LIMITS, Limits
+from plugin.rules.breaker import CLOSED, BreakerState, BreakerStatus, Transition
+from plugin.rules.limits import NO_LIMITS, Limits
 from plugin.settings import TermsOverride
 
 _INSERT = {"postgresql": pg_insert, "sqlite": sqlite_insert}

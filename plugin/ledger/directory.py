@@ -16,9 +16,9 @@ from dataclasses import replace
 
 from sqlalchemy import Engine
 
-from plugin.breaker import BreakerState
 from plugin.ledger import accounts, store
 from plugin.ledger.accounts import Profile
+from plugin.rules.breaker import BreakerState
 
 
 class Directory:

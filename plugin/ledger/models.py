@@ -29,7 +29,7 @@ class Customer(SQLModel, table=True):
     period_anchor: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     """Where the customer's monthly billing periods start (its subscription's start); None = calendar months."""
     terms: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    """Per-customer terms over the plan's (enterprise deals), as JSON: see plugin.plans.TermsOverride."""
+    """Per-customer terms over the plan's (enterprise deals), as JSON: see plugin.rules.plans.TermsOverride."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -178,7 +178,7 @@ class SoftLimitNotice(SQLModel, table=True):
 
 
 class BreakerRow(SQLModel, table=True):
-    """A customer's circuit breaker (plugin.breaker.BreakerState); no row = closed."""
+    """A customer's circuit breaker (plugin.rules.breaker.BreakerState); no row = closed."""
 
     __tablename__ = "breakers"
 

@@ -12,14 +12,22 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text
-from sqlalchemy.schema import CreateColumn
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, SQLModel, create_engine
 
-from plugin.ledger.models import Alert, ApiKey, Customer, LedgerEntry, OutboxEvent, utcnow
+from plugin.ledger.models import (
+    Alert,
+    ApiKey,
+    Customer,
+    LedgerEntry,
+    OutboxEvent,
+    utcnow,
+)
 from plugin.ledger.prepared import Prepared
+from plugin.rules.records import BillingRecord, LedgerRow
 
 
 class StoreError(Exception):
@@ -157,39 +165,6 @@ def customer_for_secret(engine: Engine, secret: str) -> str | None:
 
 
 # ---------------------------------------------------------------- the ledger
-
-
-@dataclass(frozen=True)
-class LedgerRow:
-    """The values of one ledger row, as written. A plain dataclass: the hot path builds one per call."""
-
-    id: str
-    customer_id: str
-    model: str
-    created_at: datetime
-    member: str = "-"
-    action: str = "-"
-    provider: str = "-"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    credits_ucr: int = 0
-    provider_cost_uusd: int = 0
-    cache_hit: bool = False
-    saved_ucr: int = 0
-    stream: bool = False
-    usage_source: str = "provider"
-
-
-@dataclass(frozen=True)
-class BillingRecord:
-    """Everything written for one billed call: its ledger row, its meter event, maybe an alert."""
-
-    entry: LedgerRow
-    alert: str | None = None
-    meter: bool = True
-    """False for legacy flat-rate plans: in the ledger, never sent to the sink."""
 
 
 _LEDGER = LedgerEntry.__table__

@@ -26,7 +26,8 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
 from plugin.ledger.prepared import Prepared
-from plugin.ledger.store import BillingRecord, Settle, record_batch, record_on
+from plugin.ledger.store import Settle, record_batch, record_on
+from plugin.rules.records import BillingRecord
 
 log = logging.getLogger("meterline.ledger")
 

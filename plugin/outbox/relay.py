@@ -25,7 +25,14 @@ from sqlalchemy import Engine
 
 from plugin.ledger import store as ledger_store
 from plugin.outbox import store
-from plugin.outbox.retry import UNKNOWN_REASON, RetryPolicy, Status, Step, decide, may_resend
+from plugin.outbox.retry import (
+    UNKNOWN_REASON,
+    RetryPolicy,
+    Status,
+    Step,
+    decide,
+    may_resend,
+)
 from plugin.outbox.store import Claimed
 from plugin.sinks.base import MeterEvent, Outcome, OutcomeKind, Sink
 

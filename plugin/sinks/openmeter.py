@@ -25,7 +25,14 @@ from typing import Any
 
 import httpx
 
-from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, one_line, retry_after_seconds
+from plugin.sinks.base import (
+    DELIVERED,
+    MeterEvent,
+    Outcome,
+    OutcomeKind,
+    one_line,
+    retry_after_seconds,
+)
 
 SINGLE_TYPE = "application/cloudevents+json"
 BATCH_TYPE = "application/cloudevents-batch+json"

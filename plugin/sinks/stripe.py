@@ -22,7 +22,14 @@ import aiohttp
 import httpx
 import stripe
 
-from plugin.sinks.base import DELIVERED, MeterEvent, Outcome, OutcomeKind, one_line, retry_after_seconds
+from plugin.sinks.base import (
+    DELIVERED,
+    MeterEvent,
+    Outcome,
+    OutcomeKind,
+    one_line,
+    retry_after_seconds,
+)
 
 PAST_WINDOW = timedelta(days=35)
 FUTURE_WINDOW = timedelta(minutes=5)

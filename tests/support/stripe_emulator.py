@@ -1,4 +1,4 @@
-"""Run the Stripe emulator (`plugin.stripe_emulator`) as a subprocess and drive its control API.
+"""Run the Stripe emulator (`plugin.stripe.emulator`) as a subprocess and drive its control API.
 
 ``with run_stripe_emulator() as emulator:`` gives a `StripeEmulator` whose `client()` is a real
 `stripe.StripeClient` pointed at it; the other methods wrap ``/_emulator/`` (faults, delay, clock,
@@ -79,9 +79,9 @@ class StripeEmulator:
 @contextmanager
 def run_stripe_emulator(*, webhook_url: str | None = None, webhook_secret: str | None = None,
                         timeout: float = 15.0) -> Iterator[StripeEmulator]:
-    """Start ``python -m plugin.stripe_emulator`` on a free port, wait until it answers, stop it on exit."""
+    """Start ``python -m plugin.stripe.emulator`` on a free port, wait until it answers, stop it on exit."""
     port = free_port()
-    command = [sys.executable, "-m", "plugin.stripe_emulator", "--port", str(port)]
+    command = [sys.executable, "-m", "plugin.stripe.emulator", "--port", str(port)]
     if webhook_url:
         command += ["--webhook-url", webhook_url, "--webhook-secret", webhook_secret or ""]
     with serving(command, f"http://127.0.0.1:{port}/_emulator/health", "stripe emulator", timeout) as process:

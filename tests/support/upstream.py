@@ -52,11 +52,11 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
-
-from tests.support.processes import free_port, serving
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.support.processes import free_port, serving
 
 DIRECTIVE_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
 INT_KEYS = ("p", "c", "cached", "reasoning", "fail", "nousage", "delay_ms", "word_ms", "cut")

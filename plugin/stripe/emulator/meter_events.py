@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from plugin.stripe_emulator.catalog import Catalog
-from plugin.stripe_emulator.clock import DAY, Expiring, parse_rfc3339, rfc3339
-from plugin.stripe_emulator.errors import ApiError, rate_limited
-from plugin.stripe_emulator.forms import InvalidParam, Params, parse_decimal
-from plugin.stripe_emulator.money import json_number
-from plugin.stripe_emulator.store import LIST_PARAMS, Store, new_id, paginate
+from plugin.stripe.emulator.catalog import Catalog
+from plugin.stripe.emulator.clock import DAY, Expiring, parse_rfc3339, rfc3339
+from plugin.stripe.emulator.errors import ApiError, rate_limited
+from plugin.stripe.emulator.forms import InvalidParam, Params, parse_decimal
+from plugin.stripe.emulator.money import json_number
+from plugin.stripe.emulator.store import LIST_PARAMS, Store, new_id, paginate
 
 IDENTIFIER_WINDOW_SECONDS = DAY
 TIMESTAMP_PAST_SECONDS = 35 * DAY

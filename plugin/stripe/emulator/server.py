@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from plugin.stripe_emulator.app import create_app
-from plugin.stripe_emulator.clock import AdjustableClock
-from plugin.stripe_emulator.state import EmulatorState
-from plugin.stripe_emulator.webhooks import WebhookSender
+from plugin.stripe.emulator.app import create_app
+from plugin.stripe.emulator.clock import AdjustableClock
+from plugin.stripe.emulator.state import EmulatorState
+from plugin.stripe.emulator.webhooks import WebhookSender
 
 READY_POLL_SECONDS = 0.01
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugin.stripe_emulator.errors import ApiError, rate_limited
+from plugin.stripe.emulator.errors import ApiError, rate_limited
 
 
 @dataclass

@@ -26,19 +26,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from plugin.stripe_emulator.clock import AdjustableClock
-from plugin.stripe_emulator.errors import ApiError
-from plugin.stripe_emulator.faults import injected_error
-from plugin.stripe_emulator.forms import (
+from plugin.stripe.emulator.clock import AdjustableClock
+from plugin.stripe.emulator.errors import ApiError
+from plugin.stripe.emulator.faults import injected_error
+from plugin.stripe.emulator.forms import (
     InvalidParam,
     Params,
     decode_form,
     decode_query,
     parse_integer,
 )
-from plugin.stripe_emulator.idempotency import StoredResponse
-from plugin.stripe_emulator.state import EmulatorState
-from plugin.stripe_emulator.webhooks import WebhookSender
+from plugin.stripe.emulator.idempotency import StoredResponse
+from plugin.stripe.emulator.state import EmulatorState
+from plugin.stripe.emulator.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 

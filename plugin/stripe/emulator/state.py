@@ -20,14 +20,14 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from plugin.stripe_emulator.catalog import Catalog
-from plugin.stripe_emulator.clock import Clock
-from plugin.stripe_emulator.faults import Faults
-from plugin.stripe_emulator.forms import Params
-from plugin.stripe_emulator.idempotency import IdempotencyStore, StoredResponse
-from plugin.stripe_emulator.invoices import Invoices
-from plugin.stripe_emulator.meter_events import MeterEvents, Slot
-from plugin.stripe_emulator.store import LIST_PARAMS, EventSink, Store
+from plugin.stripe.emulator.catalog import Catalog
+from plugin.stripe.emulator.clock import Clock
+from plugin.stripe.emulator.faults import Faults
+from plugin.stripe.emulator.forms import Params
+from plugin.stripe.emulator.idempotency import IdempotencyStore, StoredResponse
+from plugin.stripe.emulator.invoices import Invoices
+from plugin.stripe.emulator.meter_events import MeterEvents, Slot
+from plugin.stripe.emulator.store import LIST_PARAMS, EventSink, Store
 
 
 def _synchronized(method):

@@ -6,5 +6,5 @@ meter events with Stripe's synchronous rules, v2 meter event sessions and stream
 error reports, invoice previews, signed webhooks, and a control API (``/_emulator/``) to inject
 faults. Modules: `forms` (params), `state` (the account, composed of `catalog`, `meter_events`,
 `invoices`, `idempotency` and `faults` over one `store`, with `money`, `clock` and `errors` beneath),
-`webhooks`, `app` (HTTP), `server` (the process). Run it with ``python -m plugin.stripe_emulator --port N``.
+`webhooks`, `app` (HTTP), `server` (the process). Run it with ``python -m plugin.stripe.emulator --port N``.
 """

@@ -1,4 +1,4 @@
-"""Customer usage reports, shared by the CLI and (later) the HTTP API."""
+"""A customer's usage report: one place for the CLI (`meterline usage`) and the HTTP API (`GET /usage`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from datetime import datetime
 
 from plugin.counters.base import Account
 from plugin.ledger import accounts, store
-from plugin.limits import usd_limit_as_ucr
-from plugin.plans import credits_to_ucr, project_period_total
+from plugin.rules.limits import usd_limit_as_ucr
+from plugin.rules.plans import credits_to_ucr, project_period_total
 from plugin.runtime import Meterline
 
 

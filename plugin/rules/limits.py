@@ -2,7 +2,7 @@
 
 A customer's limits are soft thresholds (warnings), an optional hard limit (in credits or in
 currency) and an overage block; the operator adds a global overage block. Together with the plan
-they give the ceiling requests are held to (`plugin.policy.ceiling`) and the base soft thresholds
+they give the ceiling requests are held to (`plugin.rules.policy.ceiling`) and the base soft thresholds
 are measured against.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from math import floor
 
-from plugin.plans import credits_to_ucr
-from plugin.policy import Ceiling, ceiling
-from plugin.pricing import UCR_PER_CREDIT
+from plugin.rules.plans import credits_to_ucr
+from plugin.rules.policy import Ceiling, ceiling
+from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.settings import PlanConfig
 
 

@@ -89,7 +89,7 @@ per request, so no process hoards what another one needs."""
 class Ask:
     """What a request asks a customer's counters for: its full worst case, or at least `minimum_ucr`
     (the worst case with the useful minimum of output) if the full amount no longer fits.
-    `spare_ucr`: budget to hold besides, for the next requests of the same process (plugin.slices),
+    `spare_ucr`: budget to hold besides, for the next requests of the same process (plugin.rules.slices),
     given only while plenty is left."""
 
     full_ucr: int

@@ -20,7 +20,7 @@ from typing import Literal
 
 import stripe
 
-from plugin.pricing import UCR_PER_CREDIT
+from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.settings import ConfigError, MeterlineConfig
 
 _MAX_DECIMALS = 12

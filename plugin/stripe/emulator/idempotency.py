@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plugin.stripe_emulator.clock import DAY, Expiring
-from plugin.stripe_emulator.errors import ApiError
+from plugin.stripe.emulator.clock import DAY, Expiring
+from plugin.stripe.emulator.errors import ApiError
 
 IDEMPOTENCY_WINDOW_SECONDS = DAY
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from plugin.stripe_emulator.forms import InvalidParam
+from plugin.stripe.emulator.forms import InvalidParam
 
 
 class ApiError(Exception):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 
-from plugin.metering import usage_from_openai
-from plugin.pricing import Usage
+from plugin.rules.metering import usage_from_openai
+from plugin.rules.pricing import Usage
 
 
 def as_mapping(value: object) -> Mapping[str, object] | None:

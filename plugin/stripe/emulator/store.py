@@ -10,9 +10,9 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from plugin.stripe_emulator.clock import Clock
-from plugin.stripe_emulator.errors import not_found
-from plugin.stripe_emulator.forms import InvalidParam, Params
+from plugin.stripe.emulator.clock import Clock
+from plugin.stripe.emulator.errors import not_found
+from plugin.stripe.emulator.forms import InvalidParam, Params
 
 EventSink = Callable[[dict[str, Any]], None]
 """Receives every Stripe `event` the account emits (webhook delivery hooks in here)."""

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from plugin.ledger.store import BillingRecord, LedgerRow
-from plugin.pricing import PriceBook, Usage
+from plugin.rules.pricing import PriceBook, Usage
+from plugin.rules.records import BillingRecord, LedgerRow
 
 
 def _count(value: object) -> int:

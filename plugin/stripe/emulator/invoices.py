@@ -9,12 +9,17 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from plugin.stripe_emulator.clock import month_period
-from plugin.stripe_emulator.errors import ApiError
-from plugin.stripe_emulator.forms import InvalidParam, Params
-from plugin.stripe_emulator.meter_events import MeterEvents
-from plugin.stripe_emulator.money import decimal_text, price_amount, round_half_up, whole_or_none
-from plugin.stripe_emulator.store import LIST_PARAMS, Store, new_id
+from plugin.stripe.emulator.clock import month_period
+from plugin.stripe.emulator.errors import ApiError
+from plugin.stripe.emulator.forms import InvalidParam, Params
+from plugin.stripe.emulator.meter_events import MeterEvents
+from plugin.stripe.emulator.money import (
+    decimal_text,
+    price_amount,
+    round_half_up,
+    whole_or_none,
+)
+from plugin.stripe.emulator.store import LIST_PARAMS, Store, new_id
 
 
 class Invoices:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 
-from plugin.pricing import UCR_PER_CREDIT, round_half_up
+from plugin.rules.pricing import UCR_PER_CREDIT, round_half_up
 
 
 @dataclass(frozen=True)

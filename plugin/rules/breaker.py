@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from fractions import Fraction
 
-from plugin.pricing import round_half_up
+from plugin.rules.pricing import round_half_up
 
 SYSTEM = "meterline"
 """`by` of the transitions the breaker makes on its own."""
