@@ -6,6 +6,7 @@ by file path), so process-wide state lives here, in a normally imported module.
 
 from __future__ import annotations
 
+import hmac
 import json
 import secrets
 import threading
@@ -26,6 +27,7 @@ from plugin.counters.sql import SqlCounterStore
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.checkpoint import WalCheckpointer
 from plugin.ledger.directory import Directory
+from plugin.ledger.fleet_usage import FleetUsage
 from plugin.ledger.store import billed_between, make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.notify import Notice, Notifier, SmtpConfig
@@ -162,6 +164,11 @@ class Meterline:
         return Directory(self.engine, ttl=self.settings.key_cache_seconds)
 
     @cached_property
+    def fleet_usage(self) -> FleetUsage:
+        """Every customer's recent usage, for the fleet view (plugin/ledger/fleet_usage.py)."""
+        return FleetUsage(self.engine)
+
+    @cached_property
     def writer(self) -> LedgerWriter:
         return LedgerWriter(self.engine)
 
@@ -232,6 +239,16 @@ class Meterline:
                 return False
             self._last_alerts[kind] = now
             return True
+
+    @property
+    def page_secret(self) -> bytes | None:
+        """The key that signs usage-page tokens: METERLINE_PAGE_SECRET, else one derived from the master
+        key (never the master key itself); None when neither is set (no tokens can be minted)."""
+        if self.settings.page_secret:
+            return self.settings.page_secret.encode()
+        if self.settings.master_key:
+            return hmac.new(self.settings.master_key.encode(), b"meterline usage page tokens", "sha256").digest()
+        return None
 
     def plan_of(self, customer: Profile) -> PlanConfig:
         """The customer's plan with its own terms over it. An unknown plan name (removed from

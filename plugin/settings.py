@@ -268,6 +268,9 @@ class Settings(BaseSettings):
     master_key: str | None = Field(
         default=None, validation_alias=AliasChoices("LITELLM_MASTER_KEY", "METERLINE_MASTER_KEY")
     )
+    page_secret: str | None = None
+    """Signs usage-page tokens (`POST /customers/{id}/page-token`); unset: derived from the master key,
+    so rotating the master key also invalidates every page token."""
 
     # --- delivery of meter events (plugin/outbox, plugin/sinks)
     sink: Literal["stripe", "openmeter", "none"] | None = None

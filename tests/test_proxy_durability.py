@@ -14,6 +14,7 @@ from sqlalchemy import text
 from plugin.ledger import store
 from plugin.ledger.store import make_engine
 from tests.support.proxy import run_proxy
+from tests.support.rollups import assert_rollups_match_ledger
 from tests.test_proxy_metering import ask, expected_ucr, unique
 
 pytestmark = pytest.mark.proxy
@@ -90,6 +91,7 @@ async def test_every_response_received_is_in_the_ledger_after_kill_9(killable):
     assert len(received) >= 15
     billed = {row.prompt_tokens for row in store.ledger_rows(engine, "durable")}
     assert received <= billed, f"received but never billed: {sorted(received - billed)}"
+    assert assert_rollups_match_ledger(engine) == len(billed)  # the usage read model died with the ledger, intact
 
 
 def test_an_answer_that_cannot_be_billed_is_withheld_with_503(metered):

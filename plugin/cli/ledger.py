@@ -9,18 +9,7 @@ from typing import TextIO
 from plugin import runtime
 from plugin.cli.common import customer_id_arg
 from plugin.ledger import store
-from plugin.ledger.models import LedgerEntry
-
-EXPORT_COLUMNS = (
-    "id", "customer_id", "member", "action", "model", "provider", "prompt_tokens", "completion_tokens",
-    "cached_tokens", "credits_ucr", "provider_cost_uusd", "cache_hit", "saved_ucr", "stream", "created_at",
-)
-
-
-def export_row(entry: LedgerEntry) -> dict:
-    row = {column: getattr(entry, column) for column in EXPORT_COLUMNS}
-    row["created_at"] = store.as_utc(entry.created_at).isoformat()
-    return row
+from plugin.ledger.store import EXPORT_COLUMNS, export_row
 
 
 def cmd_ledger_export(args, out: TextIO) -> None:

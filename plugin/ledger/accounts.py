@@ -92,6 +92,54 @@ def load_profile(engine: Engine, customer_id: str) -> Profile | None:
         )
 
 
+_PROFILE_COLUMNS = (
+    Customer.id, Customer.plan, Customer.terms, Customer.period_anchor, Customer.created_at,
+    CustomerLimits.soft_thresholds_pct, CustomerLimits.hard_limit_ucr, CustomerLimits.hard_limit_usd,
+    CustomerLimits.block_overage, CustomerLimits.notify_email, CustomerLimits.notify_webhook_url,
+    BreakerRow.status, BreakerRow.since, BreakerRow.reason, BreakerRow.by, BreakerRow.trickle_started,
+    BreakerRow.trickle_used,
+)
+
+
+def profile_rows(engine: Engine, *, contains: str | None = None, after: str | None = None,
+                 limit: int | None = None, exact: str | None = None) -> list[tuple]:
+    """Customers as raw rows, in id order, for many at once (the fleet): one query, joined. A row is a
+    plain tuple, so a caller can tell an unchanged customer by comparing rows; `profile_from` makes one
+    a Profile. `contains` filters by id substring, `after` starts past an id (paging), `exact` picks one."""
+    query = (select(*_PROFILE_COLUMNS)
+             .outerjoin(CustomerLimits, CustomerLimits.customer_id == Customer.id)
+             .outerjoin(BreakerRow, BreakerRow.customer_id == Customer.id)
+             .order_by(Customer.id))
+    if contains:
+        escaped = contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Customer.id.like(f"%{escaped}%", escape="\\"))
+    if after is not None:
+        query = query.where(Customer.id > after)
+    if exact is not None:
+        query = query.where(Customer.id == exact)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(query)]
+
+
+def profile_from(row: tuple) -> Profile:
+    """A Profile from one of `profile_rows`' rows."""
+    (customer_id, plan, terms, anchor, created_at, soft, hard_ucr, hard_usd, block, email, webhook,
+     status, since, reason, by, trickle_started, trickle_used) = row
+    limits = NO_LIMITS if (soft, hard_ucr, hard_usd, block, email, webhook) == (None,) * 6 else Limits(
+        soft_thresholds_pct=None if soft is None else tuple(json.loads(soft)), hard_limit_ucr=hard_ucr,
+        hard_limit_usd=None if hard_usd is None else Fraction(hard_usd), block_overage=bool(block),
+        notify_email=email, notify_webhook_url=webhook)
+    breaker = CLOSED if status is None else BreakerState(
+        status=BreakerStatus(status), since=None if since is None else as_utc(since), reason=reason, by=by,
+        trickle_started=None if trickle_started is None else as_utc(trickle_started), trickle_used=trickle_used)
+    return Profile(customer_id=customer_id, plan=plan,
+                   terms=None if not terms else TermsOverride.model_validate_json(terms),
+                   period_anchor=None if anchor is None else as_utc(anchor), limits=limits, breaker=breaker,
+                   created_at=as_utc(created_at))
+
+
 # ---------------------------------------------------------------- limits
 
 

@@ -110,6 +110,8 @@ class Alert(SQLModel, table=True):
     subject_id: str | None = Field(default=None, max_length=100)
     message: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    acknowledged_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """When an operator acknowledged it; None = open."""
 
 
 class CounterRow(SQLModel, table=True):
@@ -226,3 +228,35 @@ class RateWindow(SQLModel, table=True):
     window: int = Field(primary_key=True, sa_type=BigInteger)
     """Window index: Unix ms // window length."""
     requests: int = 0
+
+
+class UsageHour(SQLModel, table=True):
+    """Rollup for usage reads: what a customer was billed in one clock hour (UTC). Written in the
+    ledger's own transaction, so it always equals the ledger summed over that hour."""
+
+    __tablename__ = "usage_hours"
+    __table_args__ = (Index("ix_usage_hours_hour", "hour", "customer_id"),)
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    hour: int = Field(primary_key=True, sa_type=BigInteger)
+    """Hours since the Unix epoch."""
+    credits_ucr: int = Field(default=0, sa_type=BigInteger)
+    requests: int = Field(default=0, sa_type=BigInteger)
+    saved_ucr: int = Field(default=0, sa_type=BigInteger)
+
+
+class UsageDay(SQLModel, table=True):
+    """Rollup for usage reads: a customer's usage on one UTC day by model, by action and by member
+    (`dimension` names which; every ledger row counts once in each). Written with the ledger row."""
+
+    __tablename__ = "usage_days"
+
+    customer_id: str = Field(primary_key=True, max_length=64)
+    day: int = Field(primary_key=True)
+    """Days since the Unix epoch."""
+    dimension: str = Field(primary_key=True, max_length=8)
+    """`model`, `action` or `member`."""
+    name: str = Field(primary_key=True, max_length=255)
+    credits_ucr: int = Field(default=0, sa_type=BigInteger)
+    requests: int = Field(default=0, sa_type=BigInteger)
+    saved_ucr: int = Field(default=0, sa_type=BigInteger)

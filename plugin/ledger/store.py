@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, SQLModel, create_engine
 
+from plugin.ledger import rollups
 from plugin.ledger.models import (
     Alert,
     ApiKey,
@@ -35,7 +36,8 @@ class StoreError(Exception):
 
 
 def make_engine(url: str) -> Engine:
-    """Create the engine and the tables. SQLite gets WAL, a busy timeout and NORMAL sync.
+    """Create the engine and the tables (and the usage rollups, from the ledger, for a database that
+    predates them). SQLite gets WAL, a busy timeout and NORMAL sync.
 
     WAL + synchronous=NORMAL survives a killed process (the WAL is in the OS cache); it trades
     only power-loss durability of the last transactions, which a proxy host rarely needs.
@@ -55,6 +57,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     SQLModel.metadata.create_all(engine)
     _add_missing_columns(engine)
+    rollups.backfill(engine)
     return engine
 
 
@@ -224,6 +227,7 @@ def record_on(connection: Connection, records: Iterable[BillingRecord],
         # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
         if insert_ledger.first(connection, vars(record.entry)) is not None:
             new.append(record)
+    rollups.add_on(connection, [record.entry for record in new])
     _INSERT_OUTBOX.many(connection, [
         {"id": record.entry.id, "customer_id": record.entry.customer_id, "value_ucr": record.entry.credits_ucr,
          "occurred_at": record.entry.created_at, "status": "pending", "attempts": 0,
@@ -237,6 +241,27 @@ def record_on(connection: Connection, records: Iterable[BillingRecord],
     ])
     return {record.entry.id: record for record in new}
 
+
+
+EXPORT_COLUMNS = (
+    "id", "customer_id", "member", "action", "model", "provider", "prompt_tokens", "completion_tokens",
+    "cached_tokens", "credits_ucr", "provider_cost_uusd", "cache_hit", "saved_ucr", "stream", "created_at",
+)
+
+
+def export_row(entry: LedgerEntry) -> dict:
+    """A ledger row as `meterline ledger export` writes it (DESIGN "Contract: CLI")."""
+    row = {column: getattr(entry, column) for column in EXPORT_COLUMNS}
+    row["created_at"] = as_utc(entry.created_at).isoformat()
+    return row
+
+
+def recent_rows(engine: Engine, customer_id: str, limit: int) -> list[LedgerEntry]:
+    """A customer's newest ledger rows, newest first."""
+    with Session(engine) as session:
+        query = (select(LedgerEntry).where(LedgerEntry.customer_id == customer_id)
+                 .order_by(LedgerEntry.created_at.desc(), LedgerEntry.id.desc()).limit(limit))
+        return list(session.exec(query).scalars())
 
 
 def ledger_rows(engine: Engine, customer_id: str | None = None, batch: int = 1000) -> Iterator[LedgerEntry]:
@@ -268,6 +293,15 @@ def insert_alert(connection: Connection, kind: str, message: str, *, customer_id
     """An alert, inside the caller's transaction (so it lands with what it reports, or not at all)."""
     connection.execute(_ALERTS.insert(), {"kind": kind, "customer_id": customer_id, "subject_id": subject_id,
                                           "message": message, "created_at": utcnow()})
+
+
+def open_alert_counts(engine: Engine) -> dict[str, int]:
+    """customer -> how many of its alerts no operator has acknowledged."""
+    query = (select(_ALERTS.c.customer_id, func.count()).where(_ALERTS.c.acknowledged_at.is_(None),
+                                                                 _ALERTS.c.customer_id.is_not(None))
+             .group_by(_ALERTS.c.customer_id))
+    with engine.connect() as connection:
+        return {customer: int(count) for customer, count in connection.execute(query)}
 
 
 def has_alert(connection: Connection, kind: str, subject_id: str) -> bool:

@@ -1,0 +1,52 @@
+"""The figures of a usage report, from plain totals: % of included, overage, the projection in
+dollars, top actions. Pure: the API, the CLI and the page all show what these compute."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from plugin.rules.plans import credits_to_ucr
+from plugin.rules.policy import usd_text
+from plugin.rules.pricing import round_half_up
+from plugin.settings import PlanConfig
+
+TOP_ACTIONS = 10
+OTHER = "(other)"
+
+
+def pct(part: int, whole: int) -> float | None:
+    """part / whole x 100 with one decimal, rounded half up; None when whole is 0 (nothing to compare with)."""
+    if whole <= 0:
+        return None
+    return round_half_up(Fraction(part * 1000, whole)) / 10
+
+
+def dollars(amount: Fraction) -> str:
+    """A decimal string in dollars, cents always shown ("12.50", "0.125")."""
+    return usd_text(amount).removeprefix("$")
+
+
+def overage_ucr(used_ucr: int, included_ucr: int) -> int:
+    return max(0, used_ucr - included_ucr)
+
+
+def projected_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
+    """What the period's invoice is on track for: the base fee plus the projected overage at the plan's
+    rate (never past the ceiling, which nothing can be billed beyond)."""
+    billable = projected_ucr if cap_ucr is None else min(projected_ucr, cap_ucr)
+    amount = Fraction(plan.base_fee_usd or 0)
+    if plan.has_overage:
+        over = overage_ucr(billable, credits_to_ucr(plan.included_credits))
+        amount += Fraction(over, 1_000_000) * plan.overage_usd_per_credit
+    return dollars(amount)
+
+
+def top_actions(by_action: dict[str, int], limit: int = TOP_ACTIONS) -> list[dict]:
+    """The largest actions first (ties by name), at most `limit`, the rest summed as "(other)"."""
+    total = sum(by_action.values())
+    ranked = sorted(by_action.items(), key=lambda item: (-item[1], item[0]))
+    shown, rest = ranked[:limit], ranked[limit:]
+    if rest:
+        shown.append((OTHER, sum(used for _, used in rest)))
+    return [{"action": action, "used_ucr": used, "share_pct": pct(used, total) if total else 0.0}
+            for action, used in shown]
