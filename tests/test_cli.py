@@ -268,7 +268,21 @@ def test_usage_of_a_customer_without_rows_is_zero(cli):
 def test_usage_text_output(cli, ledger):
     code, out = cli("usage", "acme")
     assert code == 0
-    assert "acme" in out and "1.750000" in out and "gpt-a" in out
+    assert "acme" in out and "used      1.75 credits in 3 requests" in out and "gpt-a" in out
+    assert "cap       100 credits (98.25 left)" in out
+    assert "% of" not in out  # the free plan includes nothing: no percentage to show
+    report = json.loads(cli("usage", "acme", "--json")[1])
+    assert f"on track for ${report['projected_usd']} this period" in out
+    assert "top actions\n  chat" in out and "100.0%" in out
+
+
+def test_usage_text_shows_the_share_of_included_and_the_projection_in_dollars(cli, ledger):
+    code, out = cli("usage", "beta")
+    assert code == 0
+    assert "used      7 credits in 1 requests, 0.1% of 10,000 included" in out
+    report = json.loads(cli("usage", "beta", "--json")[1])
+    assert report["included_pct"] == 0.1
+    assert f"on track for ${report['projected_usd']} this period" in out
 
 
 def test_usage_of_unknown_customer_is_refused(cli):

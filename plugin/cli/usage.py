@@ -12,6 +12,7 @@ from plugin.services.usage import UnknownCustomer, usage_report
 
 
 def cmd_usage(args, out: TextIO) -> None:
+    """The same report as `GET /usage`: JSON with --json, else a page a person reads."""
     try:
         report = usage_report(runtime.current(), args.customer_id, datetime.now(UTC))
     except UnknownCustomer:
@@ -19,18 +20,37 @@ def cmd_usage(args, out: TextIO) -> None:
     if args.json:
         print(json.dumps(report), file=out)
         return
-    credits = lambda ucr: f"{ucr / 1_000_000:,.6f}"  # display only; the JSON carries exact integers
-    print(f"customer {report['customer_id']} (plan {report['plan']})", file=out)
-    print(f"period   {report['period_start']} .. {report['period_end']}", file=out)
-    print(f"used     {credits(report['used_ucr'])} credits in {report['requests']} requests", file=out)
+    print("\n".join(usage_lines(report)), file=out)
+
+
+def credits(ucr: int) -> str:
+    """µcr as credits with thousands separators, exact (no float): 1234567 -> "1.234567"."""
+    whole, fraction = divmod(ucr, 1_000_000)
+    return f"{whole:,}" + (f".{fraction:06d}".rstrip("0") if fraction else "")
+
+
+def usage_lines(report: dict) -> list[str]:
+    """What `meterline usage ID` prints: used against included, the projection in dollars, top actions."""
+    lines = [f"customer  {report['customer_id']} (plan {report['plan']})",
+             f"period    {report['period_start'][:10]} .. {report['period_end'][:10]} (UTC)"]
+    used = f"used      {credits(report['used_ucr'])} credits in {report['requests']} requests"
+    if report["included_pct"] is not None:
+        used += f", {report['included_pct']}% of {credits(report['included_ucr'])} included"
+    lines.append(used)
     if report["cap_ucr"] is not None:
-        print(f"cap      {credits(report['cap_ucr'])} credits ({credits(report['remaining_ucr'])} left)", file=out)
-    print(f"projected {credits(report['projected_ucr'])} credits this period", file=out)
-    for title, key in (("by model", "by_model"), ("by action", "by_action"), ("by member", "by_member")):
+        lines.append(f"cap       {credits(report['cap_ucr'])} credits ({credits(report['remaining_ucr'])} left)")
+    lines.append(f"projected {credits(report['projected_ucr'])} credits: on track for ${report['projected_usd']} "
+                 "this period")
+    if report["top_actions"]:
+        lines.append("top actions")
+        lines += [f"  {entry['action']:<30} {credits(entry['used_ucr']):>18}  {entry['share_pct']:5.1f}%"
+                  for entry in report["top_actions"]]
+    for title, key in (("by model", "by_model"), ("by member", "by_member")):
         if report[key]:
-            print(title, file=out)
-            for name, ucr in sorted(report[key].items(), key=lambda item: -item[1]):
-                print(f"  {name:<30} {credits(ucr)}", file=out)
+            lines.append(title)
+            lines += [f"  {name:<30} {credits(ucr):>18}"
+                      for name, ucr in sorted(report[key].items(), key=lambda item: (-item[1], item[0]))]
+    return lines
 
 
 def register(commands) -> None:
