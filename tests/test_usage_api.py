@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from plugin.rules.plans import calendar_month
-from tests.support.proxy import MASTER_KEY
 from tests.test_proxy_metering import ask, expected_ucr, unique
 
 pytestmark = pytest.mark.proxy
