@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, NoReturn
 
 from sqlalchemy import Connection
@@ -39,8 +40,21 @@ class _Compiled:
     defaults: Mapping[str, Any]
     """Values bound in the statement itself (`.values(requests=1)`)."""
     processors: Mapping[str, Callable[[Any], Any]]
+    pick: Callable[[Mapping[str, Any]], tuple] | None = None
+    """The values in `names`' order in one C call, for statements that bind nothing themselves (most): the
+    per-value Python of `bound` below was a third of a small statement's cost."""
+    process_at: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
+    """(position in `names`, bind processor) for the values that need converting (SQLite datetimes)."""
 
     def parameters(self, values: Mapping[str, Any]) -> tuple | dict:
+        if self.pick is not None:
+            picked = self.pick(values)
+            if self.process_at:
+                picked = list(picked)
+                for position, process in self.process_at:
+                    picked[position] = process(picked[position])
+            return tuple(picked) if self.positional else dict(zip(self.names, picked, strict=True))
+
         def bound(name: str) -> Any:
             value = values[name] if name in values else self.defaults[name]
             process = self.processors.get(name)
@@ -65,7 +79,12 @@ def _compile(statement: ClauseElement, dialect: Dialect, columns: tuple[str, ...
         if process is not None:
             processors[name] = process
     defaults = {name: bind.effective_value for name, bind in binds.items() if not bind.required}
-    return _Compiled(compiled.string, names, positional, defaults, processors)
+    pick = None
+    if not defaults and names:
+        getter = itemgetter(*names)
+        pick = getter if len(names) > 1 else (lambda values: (getter(values),))
+    process_at = tuple((position, processors[name]) for position, name in enumerate(names) if name in processors)
+    return _Compiled(compiled.string, names, positional, defaults, processors, pick, process_at)
 
 
 class Prepared:

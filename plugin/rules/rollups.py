@@ -46,23 +46,27 @@ def start_of(unit: int, unit_seconds: int) -> datetime:
     return _EPOCH + timedelta(seconds=unit * unit_seconds)
 
 
-def tally_of(entry: LedgerRow) -> Tally:
-    return Tally(entry.credits_ucr, 1, entry.saved_ucr)
-
-
 def fold(entries: Iterable[LedgerRow]) -> tuple[dict[tuple[str, int], Tally], dict[tuple[str, int, str, str], Tally]]:
-    """What `entries` add to the rollups: per (customer, hour), and per (customer, day, dimension, name)."""
-    hours: dict[tuple[str, int], Tally] = {}
-    days: dict[tuple[str, int, str, str], Tally] = {}
+    """What `entries` add to the rollups: per (customer, hour), and per (customer, day, dimension, name).
+    On the billing path (one call per ledger commit): plain lists while adding up, Tallies at the end."""
+    hours: dict[tuple, list[int]] = {}
+    days: dict[tuple, list[int]] = {}
     for entry in entries:
-        tally = tally_of(entry)
-        key = (entry.customer_id, unit_of(entry.created_at, HOUR))
-        hours[key] = hours.get(key, NOTHING) + tally
-        day = unit_of(entry.created_at, DAY)
-        for dimension in DIMENSIONS:
-            key = (entry.customer_id, day, dimension, getattr(entry, dimension))
-            days[key] = days.get(key, NOTHING) + tally
-    return hours, days
+        seconds = int((entry.created_at.astimezone(UTC) - _EPOCH).total_seconds())
+        credits, saved = entry.credits_ucr, entry.saved_ucr
+        day = seconds // DAY
+        for found, key in ((hours, (entry.customer_id, seconds // HOUR)),
+                           (days, (entry.customer_id, day, "model", entry.model)),
+                           (days, (entry.customer_id, day, "action", entry.action)),
+                           (days, (entry.customer_id, day, "member", entry.member))):
+            sums = found.get(key)
+            if sums is None:
+                found[key] = [credits, 1, saved]
+            else:
+                sums[0] += credits
+                sums[1] += 1
+                sums[2] += saved
+    return ({key: Tally(*sums) for key, sums in hours.items()}, {key: Tally(*sums) for key, sums in days.items()})
 
 
 @dataclass(frozen=True)
