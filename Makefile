@@ -9,7 +9,7 @@ PORT ?= 4000
 STRIPE_PORT ?= 12111
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: run test venv redis-server bench clean
+.PHONY: run test venv test-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,12 +30,16 @@ run: $(STAMP)
 	$(BIN)/meterline demo --host $(HOST) --port $(PORT) && \
 	$(BIN)/litellm --config litellm_config.yaml --host $(HOST) --port $(PORT)
 
-## redis-server for the test-suite (installed with apt-get when missing).
-redis-server:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+## What the test-suite runs besides Python: a real redis-server, and Debian's chromium for the usage
+## page (installed with apt-get when missing).
+test-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 ## make test: everything the suite needs, then the whole suite.
-test: $(STAMP) redis-server
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
