@@ -113,6 +113,9 @@ def test_a_customer_key_reaches_only_its_own_customer(metered, two):
 @pytest.mark.parametrize("path, params, param", [
     ("/usage", {"period": "last"}, "period"),
     ("/usage", {"at": "yesterday"}, "at"),
+    ("/usage", {"at": "9999-12-31T23:59:59Z"}, "at"),
+    ("/usage", {"at": "0001-01-01T00:00:00Z"}, "at"),
+    ("/usage", {"at": "2026-13-01T00:00:00Z"}, "at"),
     ("/usage", {"period": "previous", "at": "2026-11-01T00:00:00Z"}, "at"),
     ("/usage/daily", {"days": 0}, "days"),
     ("/usage/daily", {"days": 367}, "days"),

@@ -36,13 +36,20 @@ def _utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+EARLIEST, LATEST = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+"""The instants `at` may name: a billing period of any of them can be computed (and is empty, mostly)."""
+
+
 async def _report(customer_id: str, period: str | None, at: datetime | None) -> JSONResponse:
     if period is not None and at is not None:
         return _error(422, "invalid_request", "Give `period` or `at`, not both.", param="at")
+    at = _utc(at)
+    if at is not None and not EARLIEST <= at < LATEST:
+        return _error(422, "invalid_request", "at: must be between 1970 and 9000.", param="at")
     meterline = runtime.current()
     try:
         report = await asyncio.to_thread(usage_report, meterline, customer_id, meterline.clock(), period or "current",
-                                         _utc(at))
+                                         at)
     except UnknownCustomer:
         return _error(404, "unknown_customer", f"No customer {customer_id!r}.")
     return JSONResponse(report)
