@@ -94,6 +94,8 @@ def backfill(engine: Engine) -> bool:
     One transaction, holding the write lock (SQLite) or an advisory lock (Postgres), re-checked
     inside it: processes starting together backfill once. Until it commits, the ledger writes of
     other processes wait, so no row is counted twice or missed."""
+    if _backfilled(engine):  # every start-up after the first: no lock taken
+        return False
     with engine.begin() as connection:
         dialect = connection.dialect.name
         if dialect == "sqlite":  # pysqlite has begun nothing yet: take the write lock first
@@ -119,6 +121,11 @@ def backfill(engine: Engine) -> bool:
         connection.execute(insert(Switch.__table__).values(name=BACKFILLED, enabled=True, updated_at=utcnow(),
                                                           updated_by="meterline"))
         return True
+
+
+def _backfilled(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(connection.execute(select(Switch.enabled).where(Switch.name == BACKFILLED)).scalar())
 
 
 def forget_backfill(engine: Engine) -> None:

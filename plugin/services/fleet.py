@@ -64,7 +64,9 @@ class _TermsCache:
         return terms
 
 
-_terms = _TermsCache()
+def _terms_of(meterline: Meterline) -> _TermsCache:
+    """This Meterline's cache (its plans are its own): kept in its instance dict, as its cached properties are."""
+    return meterline.__dict__.setdefault("_fleet_terms", _TermsCache())
 
 
 def burn_ratio(hour_ucr: int, typical_ucr: int) -> float | None:
@@ -116,7 +118,8 @@ def _rows(meterline: Meterline, rows: list[tuple], now: datetime) -> list[dict[s
     usage = meterline.fleet_usage.snapshot(now)
     alerts = ledger_store.open_alert_counts(meterline.engine)
     global_block = meterline.directory.switch(GLOBAL_OVERAGE_BLOCK)
-    return [fleet_row(meterline, _terms.of(meterline, row, global_block), usage, alerts.get(row[0], 0))
+    terms = _terms_of(meterline)
+    return [fleet_row(meterline, terms.of(meterline, row, global_block), usage, alerts.get(row[0], 0))
             for row in rows]
 
 
