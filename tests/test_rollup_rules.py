@@ -9,7 +9,7 @@ import pytest
 
 from plugin.rules.records import LedgerRow
 from plugin.rules.rollups import DAY, HOUR, Tally, fold, split, start_of, sum_window, typical_hour_ucr, unit_of
-from plugin.rules.usage import pct, projected_usd, top_actions
+from plugin.rules.usage import pct, projected_overage_usd, projected_usd, top_actions
 from plugin.settings import PlanConfig
 
 T = datetime(2026, 11, 5, 9, 30, tzinfo=UTC)
@@ -99,8 +99,12 @@ def test_projected_dollars_are_base_fee_plus_projected_overage_never_past_the_ce
     assert projected_usd(pro, 1500 * 10**6, None) == "25.00"
     assert projected_usd(pro, 1500 * 10**6, 1200 * 10**6) == "22.00"
     assert projected_usd(pro, 1000 * 10**6 + 1, None) == "20.00000001"
+    assert projected_overage_usd(pro, 1500 * 10**6, None) == "5.00"
+    assert projected_overage_usd(pro, 1500 * 10**6, 1200 * 10**6) == "2.00"
+    assert projected_overage_usd(pro, 500 * 10**6, None) == "0.00"
     free = PlanConfig(cap_credits=Fraction(100))
     assert projected_usd(free, 90 * 10**6, 100 * 10**6) == "0.00"
+    assert projected_overage_usd(free, 200 * 10**6, 100 * 10**6) == "0.00"
 
 
 def test_top_actions_are_largest_first_at_most_ten_the_rest_as_other():

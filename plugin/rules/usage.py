@@ -30,15 +30,22 @@ def overage_ucr(used_ucr: int, included_ucr: int) -> int:
     return max(0, used_ucr - included_ucr)
 
 
-def projected_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
-    """What the period's invoice is on track for: the base fee plus the projected overage at the plan's
-    rate (never past the ceiling, which nothing can be billed beyond)."""
+def _overage_amount(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> Fraction:
+    """The projected overage at the plan's rate, never past the ceiling (nothing is billed beyond it)."""
+    if not plan.has_overage:
+        return Fraction(0)
     billable = projected_ucr if cap_ucr is None else min(projected_ucr, cap_ucr)
-    amount = Fraction(plan.base_fee_usd or 0)
-    if plan.has_overage:
-        over = overage_ucr(billable, credits_to_ucr(plan.included_credits))
-        amount += Fraction(over, 1_000_000) * plan.overage_usd_per_credit
-    return dollars(amount)
+    return Fraction(overage_ucr(billable, credits_to_ucr(plan.included_credits)), 1_000_000) * plan.overage_usd_per_credit
+
+
+def projected_overage_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
+    """The projected overage alone, in dollars: the "$Y over included" of the projection sentence."""
+    return dollars(_overage_amount(plan, projected_ucr, cap_ucr))
+
+
+def projected_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
+    """What the period's invoice is on track for: the base fee plus the projected overage."""
+    return dollars(Fraction(plan.base_fee_usd or 0) + _overage_amount(plan, projected_ucr, cap_ucr))
 
 
 def top_actions(by_action: dict[str, int], limit: int = TOP_ACTIONS) -> list[dict]:

@@ -16,7 +16,7 @@ from plugin.ledger.accounts import Profile
 from plugin.rules.limits import usd_limit_as_ucr
 from plugin.rules.plans import Period, credits_to_ucr, project_period_total
 from plugin.rules.rollups import DAY, NOTHING, start_of, unit_of
-from plugin.rules.usage import overage_ucr, pct, projected_usd, top_actions
+from plugin.rules.usage import overage_ucr, pct, projected_overage_usd, projected_usd, top_actions
 from plugin.runtime import Meterline
 from plugin.services.limits import limits_json
 
@@ -93,6 +93,7 @@ def usage_report(meterline: Meterline, customer_id: str, now: datetime, which: W
         "remaining_ucr": None if cap_ucr is None else max(cap_ucr - used_ucr - reserved, 0),
         "projected_ucr": projected,
         "projected_usd": projected_usd(plan, projected, cap_ucr),
+        "projected_overage_usd": projected_overage_usd(plan, projected, cap_ucr),
         "currency": "usd",
         "requests": used.total.requests,
         "saved_ucr": used.total.saved_ucr,
