@@ -6,7 +6,10 @@ from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from plugin.rules.pricing import divide_half_up, round_half_up
 from plugin.rules.records import LedgerRow
 from plugin.rules.rollups import DAY, HOUR, Tally, fold, split, start_of, sum_window, typical_hour_ucr, unit_of
 from plugin.rules.usage import pct, projected_overage_usd, projected_usd, top_actions
@@ -116,3 +119,8 @@ def test_top_actions_are_largest_first_at_most_ten_the_rest_as_other():
     assert top[0]["share_pct"] == pct(21, sum(by_action.values()))
     assert top_actions({}) == []
     assert top_actions({"x": 0}) == [{"action": "x", "used_ucr": 0, "share_pct": 0.0}]
+
+
+@given(st.integers(min_value=0, max_value=10**24), st.integers(min_value=1, max_value=10**15))
+def test_integer_half_up_division_is_the_money_paths_rounding(numerator, denominator):
+    assert divide_half_up(numerator, denominator) == round_half_up(Fraction(numerator, denominator))

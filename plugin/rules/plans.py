@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from fractions import Fraction
 
-from plugin.rules.pricing import UCR_PER_CREDIT, round_half_up
+from plugin.rules.pricing import UCR_PER_CREDIT, divide_half_up, round_half_up
 
 
 @dataclass(frozen=True)
@@ -61,4 +61,4 @@ def project_period_total(used_ucr: int, period: Period, now: datetime) -> int:
         return used_ucr
     if elapsed >= period.seconds:
         return used_ucr
-    return max(used_ucr, round_half_up(Fraction(used_ucr * period.seconds, elapsed)))
+    return max(used_ucr, divide_half_up(used_ucr * period.seconds, elapsed))

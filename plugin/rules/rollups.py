@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from fractions import Fraction
 
-from plugin.rules.pricing import round_half_up
+from plugin.rules.pricing import divide_half_up
 from plugin.rules.records import LedgerRow
 
 HOUR = 3600
@@ -125,4 +124,4 @@ def typical_hour_ucr(days: Mapping[int, int], today: int, created_at: datetime, 
     if first >= today:
         return 0
     spent = sum(days.get(day, 0) for day in range(first, today))
-    return round_half_up(Fraction(spent, (today - first) * 24))
+    return divide_half_up(spent, (today - first) * 24)

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 from plugin.rules.plans import credits_to_ucr
 from plugin.rules.policy import usd_text
-from plugin.rules.pricing import round_half_up
+from plugin.rules.pricing import divide_half_up
 from plugin.settings import PlanConfig
 
 TOP_ACTIONS = 10
@@ -18,7 +18,7 @@ def pct(part: int, whole: int) -> float | None:
     """part / whole x 100 with one decimal, rounded half up; None when whole is 0 (nothing to compare with)."""
     if whole <= 0:
         return None
-    return round_half_up(Fraction(part * 1000, whole)) / 10
+    return divide_half_up(part * 1000, whole) / 10
 
 
 def dollars(amount: Fraction) -> str:

@@ -18,7 +18,7 @@ from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.fleet_usage import Snapshot
 from plugin.rules.limits import usd_limit_as_ucr
-from plugin.rules.plans import credits_to_ucr, project_period_total
+from plugin.rules.plans import Period, credits_to_ucr, project_period_total
 from plugin.rules.usage import pct
 from plugin.runtime import Meterline
 from plugin.services.customers import add_customer
@@ -74,11 +74,10 @@ def burn_ratio(hour_ucr: int, typical_ucr: int) -> float | None:
     return None if typical_ucr <= 0 else round(hour_ucr / typical_ucr, 2)
 
 
-def fleet_row(meterline: Meterline, terms: _Terms, usage: Snapshot, alerts_open: int) -> dict[str, Any]:
-    """One customer as the fleet shows it (DESIGN "Contract: usage API", `GET /customers`)."""
+def fleet_row(terms: _Terms, period: Period, usage: Snapshot, alerts_open: int) -> dict[str, Any]:
+    """One customer as the fleet shows it (DESIGN "Contract: usage API", `GET /customers`), in `period`."""
     profile = terms.profile
     customer_id = profile.customer_id
-    period = meterline.period(profile, usage.now)
     used = usage.used_since(customer_id, period.start)
     hourly = usage.hourly(customer_id)
     typical = usage.typical_hour(customer_id, profile.created_at)
@@ -118,9 +117,16 @@ def _rows(meterline: Meterline, rows: list[tuple], now: datetime) -> list[dict[s
     usage = meterline.fleet_usage.snapshot(now)
     alerts = ledger_store.open_alert_counts(meterline.engine)
     global_block = meterline.directory.switch(GLOBAL_OVERAGE_BLOCK)
-    terms = _terms_of(meterline)
-    return [fleet_row(meterline, terms.of(meterline, row, global_block), usage, alerts.get(row[0], 0))
-            for row in rows]
+    cache = _terms_of(meterline)
+    periods: dict[datetime | None, Period] = {}  # most customers share the calendar month: compute it once
+    answer = []
+    for row in rows:
+        terms = cache.of(meterline, row, global_block)
+        anchor = terms.profile.period_anchor
+        if anchor not in periods:
+            periods[anchor] = meterline.period(terms.profile, now)
+        answer.append(fleet_row(terms, periods[anchor], usage, alerts.get(row[0], 0)))
+    return answer
 
 
 def customer_detail(meterline: Meterline, customer_id: str, now: datetime) -> dict[str, Any]:
