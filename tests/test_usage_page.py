@@ -33,6 +33,7 @@ from plugin.settings import MeterlineConfig, Settings, TermsOverride
 from tests.support.browser import Dom, devtools_page, dump_dom, screenshot
 from tests.support.processes import free_port, serving
 from tests.support.proxy import MASTER_KEY
+from tests.test_proxy_durability import _wait_for_rows
 
 M = 1_000_000
 TERMS = TermsOverride(included_credits=Fraction(5), base_fee_usd=Fraction(20), overage_usd_per_credit=Fraction("0.01"))
@@ -61,17 +62,6 @@ def _mint(metered, customer_id: str, **query) -> dict:
     return answer.json()
 
 
-def _wait_for_rows(metered, customer_id: str, count: int, timeout: float = 20) -> list:
-    """The customer's ledger rows once `count` are written (the proxy writes them after answering)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = metered.ledger(customer_id)
-        if len(rows) >= count:
-            return rows
-        time.sleep(0.1)
-    raise TimeoutError(f"{count} ledger rows for {customer_id} not written in {timeout} s")
-
-
 @dataclass
 class Shown:
     """A customer with usage on several days, a page link, and what its ledger holds this period."""
@@ -93,7 +83,7 @@ def shown(metered) -> Shown:
         tenant.client.chat.completions.create(
             model="test-model", user=member, extra_headers={"x-meterline-action": action},
             messages=[{"role": "user", "content": f"[[p={prompt} c={completion}]] hello"}])
-    _wait_for_rows(metered, tenant.customer_id, len(calls))
+    assert len(_wait_for_rows(metered, tenant.customer_id, len(calls), timeout=20)) == len(calls)
     now = datetime.now(UTC)
     earlier = [now - timedelta(days=days) for days in (1, 3) if (now - timedelta(days=days)).month == now.month]
     store.write_records(metered.engine, [  # earlier days of the period, as an older proxy would have billed them
