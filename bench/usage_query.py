@@ -542,9 +542,9 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-def timed_get(client: httpx.Client, path: str) -> tuple[float, httpx.Response]:
+def timed_get(client: httpx.Client, path: str, headers: dict | None = None) -> tuple[float, httpx.Response]:
     started = time.perf_counter()
-    response = client.get(path)
+    response = client.get(path, headers=headers)
     seconds = time.perf_counter() - started
     if response.status_code != 200:
         raise RuntimeError(f"GET {path}: {response.status_code} {response.text[:300]}")
@@ -558,15 +558,16 @@ def server_times(client: httpx.Client, server_side: bool) -> list[float] | None:
 
 
 def phase(client: httpx.Client, name: str, paths: list[str], warm: list[str], server_side: bool,
-          check=None) -> dict:
+          check=None, headers: dict | None = None) -> dict:
     for path in warm:
-        timed_get(client, path)
+        timed_get(client, path, headers)
     server_times(client, server_side)  # forget the warm-up's
     client_s, last = [], None
     for path in paths:
-        seconds, last = timed_get(client, path)
+        seconds, last = timed_get(client, path, headers)
         client_s.append(seconds)
-    result = {"name": name, "n": len(client_s), "client_ms": ms_stats(client_s), "bytes": len(last.content)}
+    result = {"name": name, "n": len(client_s), "client_ms": ms_stats(client_s), "bytes": len(last.content),
+              "content_encoding": last.headers.get("content-encoding", "none")}
     server = server_times(client, server_side)
     if server is not None:
         result["server_ms"] = ms_stats(server)
@@ -586,8 +587,11 @@ def format_result(result: dict) -> str:
             f"p99 {result['client_ms']['p99']:8.2f} ms")
     if "server_ms" in result:
         line += f"   server p50 {result['server_ms']['p50']:8.2f} ms  p99 {result['server_ms']['p99']:8.2f} ms"
-    extra = {key: value for key, value in result.items() if key not in ("name", "n", "client_ms", "server_ms", "bytes")}
-    return line + f"   {result['bytes']:,} bytes" + (f"   {extra}" if extra else "")
+    extra = {key: value for key, value in result.items()
+             if key not in ("name", "n", "client_ms", "server_ms", "bytes", "content_encoding")}
+    encoding = result.get("content_encoding", "none")
+    return line + f"   {result['bytes']:,} bytes" + (f" ({encoding} on the wire)" if encoding != "none" else "") + (
+        f"   {extra}" if extra else "")
 
 
 def measure(base: str, facts: dict, args, server_side: bool) -> list[dict]:
@@ -621,9 +625,12 @@ def measure(base: str, facts: dict, args, server_side: bool) -> list[dict]:
         mix = [usage.format(rng.choice(ids)) for _ in range(args.requests)]
         warm = [usage.format(rng.choice(ids)) for _ in range(20)]
         results.append(phase(client, "usage, random mix of customers", mix, warm, server_side))
-        results.append(phase(client, f"fleet, {fleet_rows:,} per call (warm)", [PREFIX + "/customers"] * args.fleet_requests,
-                             [PREFIX + "/customers"] * 5, server_side,
-                             lambda r: {"customers_answered": len(r.json()["customers"])}))
+        # httpx asks for gzip, as the console's client does; "identity" measures the answer's making alone
+        for encoding in ("gzip", "identity"):
+            results.append(phase(client, f"fleet, {fleet_rows:,} per call (warm, {encoding})",
+                                 [PREFIX + "/customers"] * args.fleet_requests, [PREFIX + "/customers"] * 5,
+                                 server_side, lambda r: {"customers_answered": len(r.json()["customers"])},
+                                 headers={"Accept-Encoding": encoding}))
     return results
 
 
@@ -652,7 +659,7 @@ def in_process(workdir: Path, url: str, facts: dict, profile: bool, repeats: int
     """In this process, no HTTP: the fleet call's time (cold, then warm), an anchored period's usage for the
     heaviest customer (an edge read from the ledger itself), and with `profile`, cProfile of the fleet."""
     from plugin import runtime
-    from plugin.services.fleet import fleet
+    from plugin.services.fleet import fleet_json
 
     found: dict = {}
     with meterline_env(workdir, url):
@@ -661,7 +668,7 @@ def in_process(workdir: Path, url: str, facts: dict, profile: bool, repeats: int
         profiler = cProfile.Profile() if profile else None
         if profiler:
             profiler.enable()
-        fleet(meterline, meterline.clock())
+        fleet_json(meterline, meterline.clock())
         if profiler:
             profiler.disable()
             found["profile_cold"] = profile_text(profiler)
@@ -672,7 +679,7 @@ def in_process(workdir: Path, url: str, facts: dict, profile: bool, repeats: int
             started = time.perf_counter()
             if profiler:
                 profiler.enable()
-            fleet(meterline, meterline.clock())
+            fleet_json(meterline, meterline.clock())
             if profiler:
                 profiler.disable()
             warm.append(time.perf_counter() - started)

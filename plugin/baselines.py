@@ -18,7 +18,7 @@ from fractions import Fraction
 from sqlalchemy import Engine
 
 from plugin.ledger.accounts import Profile
-from plugin.ledger.store import billed_between
+from plugin.ledger.rollups import billed_between
 from plugin.rules.breaker import BreakerConfig, typical_hourly_ucr
 from plugin.rules.plans import Period
 from plugin.rules.pricing import round_half_up

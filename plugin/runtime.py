@@ -28,7 +28,8 @@ from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.checkpoint import WalCheckpointer
 from plugin.ledger.directory import Directory
 from plugin.ledger.fleet_usage import FleetUsage
-from plugin.ledger.store import billed_between, make_engine
+from plugin.ledger.rollups import billed_between
+from plugin.ledger.store import make_engine
 from plugin.ledger.writer import LedgerWriter
 from plugin.notify import Notice, Notifier, SmtpConfig
 from plugin.outbox.relay import Relay, RelayOptions, RelayThread

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
@@ -59,22 +59,6 @@ def test_a_failing_batch_writes_nothing(engine):
         store.write_records(engine, [BillingRecord(entry("good")), BillingRecord(bad)])
     assert list(store.ledger_rows(engine)) == []
     assert store.list_outbox_ids(engine) == []
-
-
-def test_usage_totals_group_by_model_action_member_within_the_period(engine):
-    now = datetime(2026, 11, 15, tzinfo=UTC)
-    store.write_records(engine, [
-        BillingRecord(entry("1", credits=100, model="a", action="chat", member="ann", created_at=now)),
-        BillingRecord(entry("2", credits=250, model="b", action="chat", member="bob", created_at=now)),
-        BillingRecord(entry("3", credits=0, model="a", action="-", member="ann", cache_hit=True, saved_ucr=70, created_at=now)),
-        BillingRecord(entry("4", credits=999, model="a", created_at=now - timedelta(days=30))),
-        BillingRecord(entry("5", customer_id="globex", credits=5, created_at=now)),
-    ])
-    totals = store.usage_totals(engine, "acme", datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
-    assert (totals.used_ucr, totals.saved_ucr, totals.requests) == (350, 70, 3)
-    assert totals.by_model == {"a": 100, "b": 250}
-    assert totals.by_action == {"chat": 350, "-": 0}
-    assert totals.by_member == {"ann": 100, "bob": 250}
 
 
 def test_keys_resolve_until_revoked_and_are_stored_hashed(engine):

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 
 from plugin.rules.pricing import divide_half_up, round_half_up
 from plugin.rules.records import LedgerRow
-from plugin.rules.rollups import DAY, HOUR, Tally, fold, split, start_of, sum_window, typical_hour_ucr, unit_of
+from plugin.rules.rollups import (
+    DAY,
+    HOUR,
+    Tally,
+    fold,
+    split,
+    start_of,
+    sum_window,
+    typical_hour_ucr,
+    unit_of,
+)
 from plugin.rules.usage import pct, projected_overage_usd, projected_usd, top_actions
 from plugin.settings import PlanConfig
 

@@ -125,4 +125,8 @@ def test_a_breakdown_over_any_window_equals_the_ledger(database_url):
                     day: 0 for day, tally in found.daily.items() if tally.requests and day not in daily}
             for dimension, expected in by.items():
                 assert {name: tally.credits_ucr for name, tally in found.by[dimension].items()} == dict(expected)
+            # what the breaker's baseline and the Redis counters' seed read: hours from the rollup
+            assert rollups.billed_between(engine, customer_id, start, end) == total["credits"], (start, end)
+            assert rollups.billed_between(engine, customer_id, start) == \
+                ledger_breakdown(engine, customer_id, start, START + timedelta(days=400))[0]["credits"], start
     engine.dispose()

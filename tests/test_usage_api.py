@@ -160,6 +160,16 @@ def test_the_fleet_and_one_customer(metered, two):
     assert metered.api().get("/customers/nobody").status_code == 404
 
 
+@pytest.mark.parametrize("accept, encoded", [("gzip", "gzip"), ("br, gzip;q=0.5", "gzip"), ("identity", None),
+                                             ("gzip;q=0", None)])
+def test_the_fleet_is_gzipped_for_a_client_that_takes_it(metered, two, accept, encoded):
+    a, _ = two
+    answer = metered.api().get("/customers", params={"q": a.customer_id}, headers={"Accept-Encoding": accept})
+    assert answer.status_code == 200 and answer.headers.get("content-encoding") == encoded
+    assert "accept-encoding" in answer.headers["vary"].lower()
+    assert [row["customer_id"] for row in answer.json()["customers"]] == [a.customer_id]
+
+
 def test_adding_a_customer(metered):
     customer_id = f"new-{unique()}"
     made = metered.api().post("/customers", json={"customer_id": customer_id, "plan": "free"})

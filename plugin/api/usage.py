@@ -8,12 +8,13 @@ Every answer comes from plugin/services; this module only turns HTTP into a call
 from __future__ import annotations
 
 import asyncio
+import gzip
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from fastapi import Path, Query
+from fastapi import Header, Path, Query
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, ORJSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from plugin import __version__, runtime
@@ -21,7 +22,7 @@ from plugin.api.controls import CustomerHeader, _customer
 from plugin.api.routes import PREFIX, Authorization, _error, operator_refusal, router
 from plugin.ledger.store import StoreError
 from plugin.services.customers import UnknownPlan
-from plugin.services.fleet import MAX_PAGE, create_customer, customer_detail, fleet
+from plugin.services.fleet import MAX_PAGE, create_customer, customer_detail, fleet_json
 from plugin.services.usage import UnknownCustomer, usage_daily, usage_report
 from plugin.settings import valid_customer_id
 
@@ -85,17 +86,40 @@ async def customer_usage(customer_id: CustomerId, authorization: Authorization =
     return await _report(customer_id, period, at)
 
 
+FLEET_GZIP_LEVEL = 1
+"""The fleet's answer is megabytes of repetitive JSON for a console that may be remote: level 1
+shrinks 10,000 customers' 4 MB ~6x in ~25 ms, where LiteLLM's own gzip (level 6, which it skips
+for an answer already encoded) takes ~80 ms for ~7x."""
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header allows gzip (`gzip`, `x-gzip` or `*`, with a q-value above 0)."""
+    weights = {}
+    for part in (accept_encoding or "").lower().split(","):
+        coding, *parameters = (piece.strip() for piece in part.split(";"))
+        quality = next((parameter[2:] for parameter in parameters if parameter.startswith("q=")), "1")
+        try:
+            weights[coding] = float(quality)
+        except ValueError:
+            weights[coding] = 0.0
+    return weights.get("gzip", weights.get("x-gzip", weights.get("*", 0.0))) > 0
+
+
 @router.get("/customers")
 async def customers(authorization: Authorization = None,
                     q: Annotated[str | None, Query(max_length=64, description="Customer id contains this.")] = None,
                     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = MAX_PAGE,
-                    cursor: Annotated[str | None, Query(max_length=64)] = None) -> JSONResponse:
+                    cursor: Annotated[str | None, Query(max_length=64)] = None,
+                    accept_encoding: Annotated[str | None, Header(include_in_schema=False)] = None) -> Response:
     """The fleet in one call: every customer's period, hour, today, burn and limits (master key)."""
     if (refusal := operator_refusal(authorization)) is not None:
         return refusal
     meterline = runtime.current()
-    answer = await asyncio.to_thread(fleet, meterline, meterline.clock(), contains=q, after=cursor, limit=limit)
-    return ORJSONResponse(answer)
+    answer = await asyncio.to_thread(fleet_json, meterline, meterline.clock(), contains=q, after=cursor, limit=limit)
+    if not accepts_gzip(accept_encoding):
+        return Response(answer, media_type="application/json", headers={"Vary": "Accept-Encoding"})
+    return Response(await asyncio.to_thread(gzip.compress, answer, FLEET_GZIP_LEVEL), media_type="application/json",
+                    headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
 
 
 @router.get("/customers/{customer_id}")

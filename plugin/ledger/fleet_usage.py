@@ -3,13 +3,18 @@ today, the period so far and the typical hour, for thousands of customers in one
 
 What is older than the last hour or two does not change (the ledger is append-only), so it is read
 once and kept ("frozen"); each request then reads only the hourly rollup rows since then, a few per
-active customer. The frozen part is rebuilt every few hours and at each new UTC day, and dropped
+active customer. The frozen part is rebuilt every few hours and at each new UTC day, in the
+background: requests meanwhile go on with the old one and read more hours fresh, so no request
+waits the seconds a rebuild takes at scale (only the first one of the process does). It is dropped
 when the rollups are rebuilt (`forget`).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -27,10 +32,14 @@ from plugin.rules.rollups import (
     unit_of,
 )
 
+log = logging.getLogger("meterline.fleet")
+
 FRESH_HOURS = 3
 """Rebuild the frozen part once the hours read fresh on every request would be more than this."""
 PERIOD_DAYS = 32
 """Daily totals kept: enough for any monthly period so far, and the typical hour's trailing week."""
+
+_generations = itertools.count(1)
 
 
 @dataclass
@@ -45,28 +54,58 @@ class _Frozen:
     """customer -> day -> µcr, for the PERIOD_DAYS days before `day`."""
     before: dict[tuple[str, datetime], int] = field(default_factory=dict)
     """(customer, window start) -> µcr from the start to `until`, computed on first use."""
+    generation: int = field(default_factory=lambda: next(_generations))
+    """Tells one frozen part from the next (callers keep figures computed from one)."""
+
+
+def in_thread(job: Callable[[], None]) -> None:
+    """How a rebuild runs by default: in its own daemon thread."""
+    threading.Thread(target=job, name="meterline-fleet-usage", daemon=True).start()
 
 
 class FleetUsage:
-    """Recent usage of every customer; one per process, shared by the requests that read the fleet."""
+    """Recent usage of every customer; one per process, shared by the requests that read the fleet.
 
-    def __init__(self, engine: Engine) -> None:
+    `run` starts a rebuild (a thread by default; tests pass one that runs it on the spot)."""
+
+    def __init__(self, engine: Engine, run: Callable[[Callable[[], None]], None] = in_thread) -> None:
         self._engine = engine
-        self._lock = threading.Lock()
+        self._run = run
+        self._building = threading.Lock()
+        """Held while a frozen part is built: one build at a time, and first callers wait for it."""
         self._frozen: _Frozen | None = None
+        self._epoch = 0
+        """Bumped by `forget`: a rebuild that began before it must not install what it read."""
 
     def snapshot(self, now: datetime) -> Snapshot:
-        hour = unit_of(now, HOUR)
-        with self._lock:
+        hour, day = unit_of(now, HOUR), unit_of(now, DAY)
+        frozen = self._frozen
+        if frozen is None:
+            with self._building:  # the process's first look (or the first after `forget`): wait for it
+                if self._frozen is None:
+                    self._frozen = self._freeze(hour - 1, day)
             frozen = self._frozen
-            if frozen is None or hour - frozen.until >= FRESH_HOURS or unit_of(now, DAY) != frozen.day:
-                frozen = self._frozen = self._freeze(hour - 1, unit_of(now, DAY))
+        elif (hour - frozen.until >= FRESH_HOURS or day != frozen.day) and self._building.acquire(blocking=False):
+            self._run(self._rebuilder(hour - 1, day, self._epoch))
+            frozen = self._frozen or frozen
         return Snapshot(self._engine, frozen, rollups.credits_by_hour(self._engine, frozen.until, hour + 1), now)
 
     def forget(self) -> None:
         """Read everything again on the next snapshot (after the rollups were rebuilt or history imported)."""
-        with self._lock:
-            self._frozen = None
+        self._epoch += 1
+        self._frozen = None
+
+    def _rebuilder(self, until: int, day: int, epoch: int) -> Callable[[], None]:
+        def rebuild() -> None:  # runs holding self._building, which `snapshot` took for it
+            try:
+                frozen = self._freeze(until, day)
+                if epoch == self._epoch:
+                    self._frozen = frozen
+            except Exception:  # the old frozen part stays in use; the next request tries again
+                log.exception("rebuilding the fleet's frozen usage failed")
+            finally:
+                self._building.release()
+        return rebuild
 
     def _freeze(self, until: int, day: int) -> _Frozen:
         return _Frozen(until=until, day=day,
@@ -81,12 +120,21 @@ class Snapshot:
         self._engine, self._frozen, self._fresh, self.now = engine, frozen, fresh, now
         self.hour = unit_of(now, HOUR)
 
+    def version(self, customer_id: str) -> tuple:
+        """Equal for two snapshots exactly when every figure of the customer's they give is equal."""
+        return self._frozen.generation, self.hour, self._fresh.get(customer_id)
+
     def hourly(self, customer_id: str) -> list[int]:
         """µcr in each of the 24 clock hours up to now, oldest first (the last one is the current hour)."""
-        fresh = self._fresh.get(customer_id, {})
-        frozen = self._frozen.hours.get(customer_id, {})
-        until = self._frozen.until
-        return [(fresh if hour >= until else frozen).get(hour, 0) for hour in range(self.hour - 23, self.hour + 1)]
+        first, until = self.hour - 23, self._frozen.until
+        values = [0] * 24
+        for hour, credits in self._frozen.hours.get(customer_id, {}).items():
+            if first <= hour < until:
+                values[hour - first] = credits
+        for hour, credits in self._fresh.get(customer_id, {}).items():
+            if until <= hour <= self.hour and hour >= first:
+                values[hour - first] = credits
+        return values
 
     def used_since(self, customer_id: str, start: datetime) -> int:
         """µcr billed to the customer from `start` up to now."""

@@ -157,6 +157,16 @@ class CustomerLimits(SQLModel, table=True):
     updated_by: str = Field(default="-", max_length=100)
 
 
+class Revision(SQLModel, table=True):
+    """A counter that database triggers bump on every change to a group of tables (plugin/ledger/
+    revisions.py), so a reader that keeps those tables' rows can tell in one read whether to read them again."""
+
+    __tablename__ = "revisions"
+
+    name: str = Field(primary_key=True, max_length=64)
+    revision: int = Field(default=0, sa_type=BigInteger)
+
+
 class Switch(SQLModel, table=True):
     """An operator-wide switch, e.g. `block_overage` for every customer at once."""
 
@@ -230,12 +240,17 @@ class RateWindow(SQLModel, table=True):
     requests: int = 0
 
 
+_CLUSTERED = {"sqlite_with_rowid": False}
+"""SQLite: the rollups are stored in their primary key's order (WITHOUT ROWID), so the ledger's commit
+updates one B-tree per rollup table instead of a table and its key's index: fewer pages per commit."""
+
+
 class UsageHour(SQLModel, table=True):
     """Rollup for usage reads: what a customer was billed in one clock hour (UTC). Written in the
     ledger's own transaction, so it always equals the ledger summed over that hour."""
 
     __tablename__ = "usage_hours"
-    __table_args__ = (Index("ix_usage_hours_hour", "hour", "customer_id"),)
+    __table_args__ = (Index("ix_usage_hours_hour", "hour", "customer_id"), _CLUSTERED)
 
     customer_id: str = Field(primary_key=True, max_length=64)
     hour: int = Field(primary_key=True, sa_type=BigInteger)
@@ -250,6 +265,7 @@ class UsageDay(SQLModel, table=True):
     (`dimension` names which; every ledger row counts once in each). Written with the ledger row."""
 
     __tablename__ = "usage_days"
+    __table_args__ = (_CLUSTERED,)
 
     customer_id: str = Field(primary_key=True, max_length=64)
     day: int = Field(primary_key=True)

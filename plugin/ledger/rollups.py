@@ -37,6 +37,7 @@ from plugin.rules.rollups import (
     Tally,
     fold,
     split,
+    start_of,
     unit_of,
 )
 
@@ -190,6 +191,29 @@ def breakdown(engine: Engine, customer_id: str, start: datetime, end: datetime) 
             for row in connection.execute(query):
                 found.add(day, dict(zip(DIMENSIONS, row[:3], strict=True)), _tally(row[3:]))
     return found
+
+
+def billed_between(engine: Engine, customer_id: str, start: datetime, end: datetime | None = None) -> int:
+    """µcr billed to a customer in [start, end) (end None: from `start` on): whole hours from the hourly
+    rollup, a partial first or last hour from the ledger. The breaker's baseline (a week) and the Redis
+    counters' seed (a period) then cost the same for a customer with a million rows as for one with ten."""
+    if end is None:  # whole hours from the first one that starts at or after `start`; a partial one before it
+        first = unit_of(start, HOUR) + (start_of(unit_of(start, HOUR), HOUR) < start)
+        stop, edges = None, [(start, start_of(first, HOUR))] if start_of(first, HOUR) > start else []
+    else:
+        window = split(start, end, HOUR)
+        first, stop, edges = window.first, window.stop, window.edges
+    hours = select(func.coalesce(func.sum(_HOURS.c.credits_ucr), 0)).where(
+        _HOURS.c.customer_id == customer_id, _HOURS.c.hour >= first)
+    if stop is not None:
+        hours = hours.where(_HOURS.c.hour < stop)
+    with engine.connect() as connection:
+        total = int(connection.execute(hours).scalar_one())
+        for edge_start, edge_end in edges:
+            total += int(connection.execute(select(func.coalesce(func.sum(_LEDGER.c.credits_ucr), 0)).where(
+                _LEDGER.c.customer_id == customer_id, _LEDGER.c.created_at >= edge_start,
+                _LEDGER.c.created_at < edge_end)).scalar_one())
+    return total
 
 
 def hourly(engine: Engine, customer_id: str, first_hour: int, stop_hour: int) -> dict[int, Tally]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text
@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 from sqlmodel import Session, SQLModel, create_engine
 
-from plugin.ledger import rollups
+from plugin.ledger import revisions, rollups
 from plugin.ledger.models import (
     Alert,
     ApiKey,
@@ -57,6 +57,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     SQLModel.metadata.create_all(engine)
     _add_missing_columns(engine)
+    revisions.install(engine)
     rollups.backfill(engine)
     return engine
 
@@ -322,16 +323,6 @@ def list_alerts(engine: Engine, kind: str | None = None, *, customer_id: str | N
         return list(session.exec(query).scalars())
 
 
-@dataclass(frozen=True)
-class UsageTotals:
-    used_ucr: int
-    saved_ucr: int
-    requests: int
-    by_model: dict[str, int]
-    by_action: dict[str, int]
-    by_member: dict[str, int]
-
-
 def billed_since(customer_id: str, start: datetime, end: datetime | None = None):
     """SELECT of the µcr billed to a customer from `start` on (to `end`): what its counters start from."""
     query = select(func.coalesce(func.sum(_LEDGER.c.credits_ucr), 0)).where(
@@ -340,33 +331,7 @@ def billed_since(customer_id: str, start: datetime, end: datetime | None = None)
 
 
 def billed_between(engine: Engine, customer_id: str, start: datetime, end: datetime | None = None) -> int:
-    """µcr billed to a customer in [start, end) (end None: up to now)."""
+    """µcr billed to a customer in [start, end) (end None: up to now), summed from the ledger's rows (for
+    short windows; plugin/ledger/rollups.py's `billed_between` reads long ones from the hourly rollup)."""
     with engine.connect() as connection:
         return int(connection.execute(billed_since(customer_id, start, end)).scalar_one())
-
-
-def usage_totals(engine: Engine, customer_id: str, start: datetime, end: datetime) -> UsageTotals:
-    """Credits billed to a customer in [start, end), in total and per model, action and member."""
-    window = (
-        LedgerEntry.customer_id == customer_id,
-        LedgerEntry.created_at >= start,
-        LedgerEntry.created_at < end,
-    )
-    with Session(engine) as session:
-        used, saved, count = session.exec(
-            select(
-                func.coalesce(func.sum(LedgerEntry.credits_ucr), 0),
-                func.coalesce(func.sum(LedgerEntry.saved_ucr), 0),
-                func.count(LedgerEntry.id),
-            ).where(*window)
-        ).one()
-
-        def grouped(column) -> dict[str, int]:
-            query = select(column, func.sum(LedgerEntry.credits_ucr)).where(*window).group_by(column)
-            return {key: int(value) for key, value in session.exec(query).all()}
-
-        return UsageTotals(
-            used_ucr=int(used), saved_ucr=int(saved), requests=int(count),
-            by_model=grouped(LedgerEntry.model), by_action=grouped(LedgerEntry.action),
-            by_member=grouped(LedgerEntry.member),
-        )

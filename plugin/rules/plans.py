@@ -56,9 +56,12 @@ def credits_to_ucr(credits: Fraction) -> int:
 
 def project_period_total(used_ucr: int, period: Period, now: datetime) -> int:
     """Straight-line projection of the period total from spend so far (at least what is used)."""
-    elapsed = int((now.astimezone(UTC) - period.start).total_seconds())
-    if elapsed <= 0:
+    return project_from_elapsed(used_ucr, period.seconds, int((now.astimezone(UTC) - period.start).total_seconds()))
+
+
+def project_from_elapsed(used_ucr: int, period_seconds: int, elapsed_seconds: int) -> int:
+    """`project_period_total` with the period's length and the whole seconds elapsed in it given: the
+    fleet projects thousands of customers of one period at one instant."""
+    if elapsed_seconds <= 0 or elapsed_seconds >= period_seconds:
         return used_ucr
-    if elapsed >= period.seconds:
-        return used_ucr
-    return max(used_ucr, divide_half_up(used_ucr * period.seconds, elapsed))
+    return max(used_ucr, divide_half_up(used_ucr * period_seconds, elapsed_seconds))

@@ -1,24 +1,36 @@
 """The fleet: every customer's burn in one call (`GET /customers`, the operator console), one
 customer's detail (`GET /customers/{id}`) and adding a customer (`POST /customers`).
 
-For thousands of customers per request, the slow parts are kept between requests: recent usage
-(plugin/ledger/fleet_usage.py) and what each customer's plan and limits come to (`_Terms`, remade
-only when the customer's row changed).
+The console asks for the whole fleet every few seconds, and between two asks most customers did not
+change. So the customers' stored rows are kept and read again only when the database's revision
+counter for them moved (plugin/ledger/revisions.py), and each customer's fleet row is kept with
+what it was made from (its stored row, the global overage switch, its recent usage, its open
+alerts, its period) and made again only when one of those differs; only the projection, which
+moves with the clock, is computed every time. Recent usage is kept by plugin/ledger/fleet_usage.py.
+
+A kept row is kept as JSON too, all but its projection: the whole fleet's answer is then joined
+from bytes. Building ten thousand dicts per request and serializing them cost more than the rest
+of the request, and in a proxy process with LiteLLM's millions of objects the garbage collector's
+passes they set off cost more again.
 """
 
 from __future__ import annotations
 
-import threading
+from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
-from plugin.ledger import accounts, rollups
+import orjson
+
+from plugin.ledger import accounts, revisions, rollups
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK, Profile
 from plugin.ledger.fleet_usage import Snapshot
 from plugin.rules.limits import usd_limit_as_ucr
-from plugin.rules.plans import Period, credits_to_ucr, project_period_total
+from plugin.rules.plans import Period, credits_to_ucr, project_from_elapsed
 from plugin.rules.usage import pct
 from plugin.runtime import Meterline
 from plugin.services.customers import add_customer
@@ -30,9 +42,9 @@ MEMBERS = 100
 RECENT = 50
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Terms:
-    """What a customer's plan, own terms and limits come to; remade only when its row changes."""
+    """What a customer's plan, own terms and limits come to."""
 
     profile: Profile
     included_ucr: int
@@ -41,32 +53,40 @@ class _Terms:
     block_overage: bool
 
 
-class _TermsCache:
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple, bool, _Terms]] = {}
-        self._lock = threading.Lock()
-
-    def of(self, meterline: Meterline, row: tuple, global_block: bool) -> _Terms:
-        known = self._known.get(row[0])
-        if known is not None and known[0] == row and known[1] == global_block:
-            return known[2]
-        profile = accounts.profile_from(row)
-        plan = meterline.plan_of(profile)
-        limit = meterline.ceiling_of(profile)
-        limits = profile.limits
-        hard = limits.hard_limit_ucr if limits.hard_limit_usd is None else usd_limit_as_ucr(limits.hard_limit_usd,
-                                                                                             plan)
-        terms = _Terms(profile=profile, included_ucr=credits_to_ucr(plan.included_credits),
-                       cap_ucr=None if limit is None else limit.ucr, hard_limit_ucr=hard,
-                       block_overage=plan.has_overage and (limits.block_overage or global_block))
-        with self._lock:
-            self._known[row[0]] = (row, global_block, terms)
-        return terms
+def _terms(meterline: Meterline, row: tuple, global_block: bool) -> _Terms:
+    profile = accounts.profile_from(row)
+    plan = meterline.plan_of(profile)
+    limit = meterline.ceiling_of(profile)
+    limits = profile.limits
+    hard = limits.hard_limit_ucr if limits.hard_limit_usd is None else usd_limit_as_ucr(limits.hard_limit_usd, plan)
+    return _Terms(profile=profile, included_ucr=credits_to_ucr(plan.included_credits),
+                  cap_ucr=None if limit is None else limit.ucr, hard_limit_ucr=hard,
+                  block_overage=plan.has_overage and (limits.block_overage or global_block))
 
 
-def _terms_of(meterline: Meterline) -> _TermsCache:
-    """This Meterline's cache (its plans are its own): kept in its instance dict, as its cached properties are."""
-    return meterline.__dict__.setdefault("_fleet_terms", _TermsCache())
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A customer's fleet row as last made, but for its projection, and what it was made from."""
+
+    stored: tuple
+    """Its row from accounts.profile_rows."""
+    global_block: bool
+    terms: _Terms
+    made_from: tuple
+    """(its usage version, its open alerts, its period's start)."""
+    row: dict[str, Any]
+    """The fleet row without `projected_ucr`."""
+    json_head: bytes
+    """`row` as JSON but for its closing brace, followed by `,"projected_ucr":`."""
+
+    @property
+    def used_ucr(self) -> int:
+        return self.row["used_ucr"]
+
+
+def _known_rows(meterline: Meterline) -> dict[str, _Known]:
+    """This Meterline's kept rows (its plans are its own): in its instance dict, as its cached properties are."""
+    return meterline.__dict__.setdefault("_fleet_rows", {})
 
 
 def burn_ratio(hour_ucr: int, typical_ucr: int) -> float | None:
@@ -75,7 +95,8 @@ def burn_ratio(hour_ucr: int, typical_ucr: int) -> float | None:
 
 
 def fleet_row(terms: _Terms, period: Period, usage: Snapshot, alerts_open: int) -> dict[str, Any]:
-    """One customer as the fleet shows it (DESIGN "Contract: usage API", `GET /customers`), in `period`."""
+    """One customer as the fleet shows it (DESIGN "Contract: usage API", `GET /customers`), in `period`,
+    but for `projected_ucr`: the caller (`_kept`) projects every customer at one instant."""
     profile = terms.profile
     customer_id = profile.customer_id
     used = usage.used_since(customer_id, period.start)
@@ -92,7 +113,6 @@ def fleet_row(terms: _Terms, period: Period, usage: Snapshot, alerts_open: int) 
         "today_ucr": today,
         "typical_hour_ucr": typical,
         "burn_ratio": burn_ratio(hourly[-1], typical),
-        "projected_ucr": project_period_total(used, period, usage.now),
         "breaker": profile.breaker.status.value,
         "hard_limit_ucr": terms.hard_limit_ucr,
         "cap_ucr": terms.cap_ucr,
@@ -102,31 +122,76 @@ def fleet_row(terms: _Terms, period: Period, usage: Snapshot, alerts_open: int) 
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Customers:
+    """Every customer's stored row in id order, as of a revision of the customers' tables."""
+
+    revision: int | None
+    rows: list[tuple]
+    ids: list[str]
+
+
+def _customers(meterline: Meterline) -> _Customers:
+    revision = revisions.current(meterline.engine, revisions.CUSTOMERS)  # before the rows: plugin/ledger/revisions.py
+    kept = meterline.__dict__.get("_fleet_customers")
+    if kept is None or revision is None or kept.revision != revision:
+        rows = sorted(accounts.profile_rows(meterline.engine), key=itemgetter(0))
+        kept = meterline.__dict__["_fleet_customers"] = _Customers(revision, rows, [row[0] for row in rows])
+    return kept
+
+
+def fleet_json(meterline: Meterline, now: datetime, *, contains: str | None = None, after: str | None = None,
+               limit: int = MAX_PAGE) -> bytes:
+    """A page of the fleet, as JSON, in customer-id order (of code points); `next_cursor` is the id to
+    pass as `after` for the next page. `contains` matches ids regardless of case."""
+    customers = _customers(meterline)
+    rows = customers.rows if after is None else customers.rows[bisect_right(customers.ids, after):]
+    if contains:
+        wanted = contains.casefold()
+        rows = [row for row in rows if wanted in row[0].casefold()]
+    page = rows[:limit]
+    customers = b",".join(b"%b%d}" % (known.json_head, projected) for known, projected in _kept(meterline, page, now))
+    return b'{"generated_at":%b,"customers":[%b],"next_cursor":%b}' % (
+        orjson.dumps(now.isoformat()), customers, orjson.dumps(page[-1][0] if len(rows) > limit else None))
+
+
 def fleet(meterline: Meterline, now: datetime, *, contains: str | None = None, after: str | None = None,
           limit: int = MAX_PAGE) -> dict[str, Any]:
-    """A page of the fleet in customer-id order; `next_cursor` is the id to pass as `after` for the next."""
-    rows = accounts.profile_rows(meterline.engine, contains=contains, after=after, limit=limit + 1)
-    page = rows[:limit]
-    return {"generated_at": now.isoformat(), "customers": _rows(meterline, page, now),
-            "next_cursor": page[-1][0] if len(rows) > limit else None}
+    """`fleet_json`, parsed (for callers other than the HTTP API)."""
+    return orjson.loads(fleet_json(meterline, now, contains=contains, after=after, limit=limit))
 
 
 def _rows(meterline: Meterline, rows: list[tuple], now: datetime) -> list[dict[str, Any]]:
+    return [known.row | {"projected_ucr": projected} for known, projected in _kept(meterline, rows, now)]
+
+
+def _kept(meterline: Meterline, rows: list[tuple], now: datetime) -> Iterator[tuple[_Known, int]]:
+    """Each customer's kept row (made again where anything it shows changed) and its projection now."""
     if not rows:
-        return []
+        return
     usage = meterline.fleet_usage.snapshot(now)
     alerts = ledger_store.open_alert_counts(meterline.engine)
     global_block = meterline.directory.switch(GLOBAL_OVERAGE_BLOCK)
-    cache = _terms_of(meterline)
-    periods: dict[datetime | None, Period] = {}  # most customers share the calendar month: compute it once
-    answer = []
-    for row in rows:
-        terms = cache.of(meterline, row, global_block)
+    known_rows = _known_rows(meterline)
+    periods: dict[datetime | None, tuple[Period, int, int]] = {}  # most customers share the calendar month
+    for stored in rows:
+        customer_id = stored[0]
+        known = known_rows.get(customer_id)
+        if known is not None and known.stored == stored and known.global_block == global_block:
+            terms = known.terms
+        else:
+            terms = _terms(meterline, stored, global_block)
         anchor = terms.profile.period_anchor
         if anchor not in periods:
-            periods[anchor] = meterline.period(terms.profile, now)
-        answer.append(fleet_row(terms, periods[anchor], usage, alerts.get(row[0], 0)))
-    return answer
+            period = meterline.period(terms.profile, now)
+            periods[anchor] = period, period.seconds, int((now - period.start).total_seconds())
+        period, seconds, elapsed = periods[anchor]
+        made_from = (usage.version(customer_id), alerts.get(customer_id, 0), period.start)
+        if known is None or known.terms is not terms or known.made_from != made_from:
+            row = fleet_row(terms, period, usage, made_from[1])
+            known = known_rows[customer_id] = _Known(stored, global_block, terms, made_from, row,
+                                                     orjson.dumps(row)[:-1] + b',"projected_ucr":')
+        yield known, project_from_elapsed(known.used_ucr, seconds, elapsed)
 
 
 def customer_detail(meterline: Meterline, customer_id: str, now: datetime) -> dict[str, Any]:

@@ -16,7 +16,13 @@ from plugin.ledger.accounts import Profile
 from plugin.rules.limits import usd_limit_as_ucr
 from plugin.rules.plans import Period, credits_to_ucr, project_period_total
 from plugin.rules.rollups import DAY, NOTHING, start_of, unit_of
-from plugin.rules.usage import overage_ucr, pct, projected_overage_usd, projected_usd, top_actions
+from plugin.rules.usage import (
+    overage_ucr,
+    pct,
+    projected_overage_usd,
+    projected_usd,
+    top_actions,
+)
 from plugin.runtime import Meterline
 from plugin.services.limits import limits_json
 
