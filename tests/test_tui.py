@@ -1,16 +1,230 @@
-"""The operator console shell starts and quits (its screens arrive with later issues)."""
+"""The operator console under Pilot against the real proxy: what it shows is what the API says, and
+every action's proof is what the API holds afterwards (DESIGN "Contract: operator console")."""
 
 from __future__ import annotations
 
-from textual.widgets import Static
+import contextlib
 
-from tui.app import make_app
+import pytest
+from textual.widgets import Input
+
+from tests.support.proxy import MASTER_KEY
+from tests.support.tcp_relay import TcpRelay
+from tests.test_proxy_metering import ask, unique
+from tui.app import MeterlineApp, make_app
+from tui.client import ConsoleClient
+from tui.screens.confirm import ConfirmDialog
+from tui.screens.customer import CustomerScreen
+from tui.screens.customers import CustomersScreen
+from tui.screens.limits import LimitsForm
+from tui.screens.trip import TripDialog
+
+pytestmark = pytest.mark.proxy
+
+SIZE = (120, 36)
 
 
-async def test_console_starts_shows_its_placeholder_and_quits_on_q():
-    app = make_app()
-    async with app.run_test() as pilot:
-        assert app.title == "meterline"
-        assert "operator console" in str(app.query_one("#placeholder", Static).render())
-        await pilot.press("q")
-    assert app.return_code == 0
+def console(url: str, key: str = MASTER_KEY, **options) -> MeterlineApp:
+    """The console as `meterline tui` makes it; `app.said` collects what it told the operator."""
+    app = make_app(ConsoleClient(url, key, timeout=5), refresh_seconds=options.pop("refresh", 30),
+                   operator="console:test", **options)
+    app.said = []
+    shown = app.notify
+
+    def notify(message, **kwargs):
+        app.said.append(str(message))
+        return shown(message, **kwargs)
+
+    app.notify = notify
+    return app
+
+
+async def settle(pilot) -> None:
+    """Let the poll worker answer and the screen paint."""
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def dialog(pilot, kind: type) -> None:
+    """Wait (bounded) until a dialog of `kind` is on top: its worker waits for the answer, so
+    `settle` would wait for ever."""
+    for _ in range(100):
+        await pilot.pause(0.05)
+        if isinstance(pilot.app.screen, kind):
+            return
+    raise AssertionError(f"no {kind.__name__} on screen; {pilot.app.screen!r} is")
+
+
+async def focus_customer(pilot, customer_id: str) -> CustomersScreen:
+    """Filter the fleet down to one customer and put the cursor on it."""
+    await settle(pilot)
+    await pilot.press("slash")
+    screen = pilot.app.screen
+    screen.query_one("#filter", Input).value = customer_id
+    await pilot.press("enter")
+    await pilot.pause()
+    assert [line.customer_id for line in screen.table.records] == [customer_id]
+    return screen
+
+
+@pytest.fixture
+def customer(metered) -> str:
+    tenant = metered.tenant(f"tui-{unique()}")
+    tenant.client.chat.completions.create(model="test-model", messages=ask("[[p=2000 c=500]]"))
+    return tenant.customer_id
+
+
+async def test_the_customers_screen_shows_the_fleet_as_the_api_does(metered, customer):
+    app = console(metered.proxy.base_url)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await focus_customer(pilot, customer)
+        [line] = screen.table.records
+        answer = metered.api().get("/customers", params={"q": customer}).json()["customers"][0]
+        assert (line.row.used_ucr, line.row.hour_ucr, line.row.plan) == (answer["used_ucr"], answer["hour_ucr"], "pro")
+        assert line.row.used_ucr > 0 and not line.faulty
+        assert customer in screen.status.summary or "1 of" in screen.status.summary
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, CustomerScreen) and app.screen.customer_id == customer
+        await pilot.press("escape")
+        assert isinstance(app.screen, CustomersScreen)
+
+
+async def test_trip_and_reset_reach_the_api_with_the_reason(metered, customer):
+    app = console(metered.proxy.base_url)
+    async with app.run_test(size=SIZE) as pilot:
+        await focus_customer(pilot, customer)
+        await pilot.press("t")
+        await dialog(pilot, TripDialog)
+        app.screen.query_one("#reason", Input).value = "runaway agent"
+        await pilot.press("enter")  # the reason field's enter asks for confirmation, Cancel focused
+        await dialog(pilot, ConfirmDialog)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert metered.api().get(f"/customers/{customer}/breaker").json()["status"] == "closed"
+        await pilot.press("t")
+        await dialog(pilot, TripDialog)
+        app.screen.query_one("#reason", Input).value = "runaway agent"
+        await pilot.press("enter")
+        await dialog(pilot, ConfirmDialog)
+        await pilot.press("y")
+        await settle(pilot)
+        breaker = metered.api().get(f"/customers/{customer}/breaker").json()
+        assert breaker["status"] == "open"
+        assert (breaker["events"][0]["why"], breaker["events"][0]["by"]) == ("runaway agent", "api:console:test")
+        await pilot.press("R")
+        await dialog(pilot, ConfirmDialog)
+        await pilot.press("n")  # cancelled: nothing changes
+        await settle(pilot)
+        assert metered.api().get(f"/customers/{customer}/breaker").json()["status"] == "open"
+        await pilot.press("R")
+        await dialog(pilot, ConfirmDialog)
+        await pilot.press("y")
+        await settle(pilot)
+        assert metered.api().get(f"/customers/{customer}/breaker").json()["status"] == "closed"
+        [line] = app.screen.table.records
+        assert line.row.breaker == "closed"
+
+
+async def test_the_limits_form_stores_what_it_says_and_shows_a_refusal(metered, customer):
+    app = console(metered.proxy.base_url)
+    async with app.run_test(size=SIZE) as pilot:
+        await focus_customer(pilot, customer)
+        await pilot.press("l")
+        await dialog(pilot, LimitsForm)
+        form = app.screen
+        assert isinstance(form, LimitsForm)
+        form.query_one("#soft", Input).value = "80, 50"
+        form.query_one("#credits", Input).value = "2500.5"
+        await pilot.click("#block")
+        await pilot.click("#save")
+        await settle(pilot)
+        stored = metered.api().get("/limits", headers={"X-Meterline-Customer": customer}).json()
+        assert (stored["soft_thresholds_pct"], stored["hard_limit_ucr"], stored["block_overage"]) == \
+            ([50, 80], 2_500_500_000, True)
+        # the form cannot know the pro plan charges nothing for usage: the API's refusal is shown
+        await pilot.press("l")
+        await dialog(pilot, LimitsForm)
+        app.screen.query_one("#credits", Input).value = ""
+        app.screen.query_one("#usd", Input).value = "25"
+        await pilot.click("#save")
+        await settle(pilot)
+        assert any("charges nothing for usage" in said for said in app.said)
+        assert metered.api().get("/limits", headers={"X-Meterline-Customer": customer}).json()["hard_limit_ucr"] == \
+            2_500_500_000
+        # a value that can never be right stays in the form
+        await pilot.press("l")
+        await dialog(pilot, LimitsForm)
+        app.screen.query_one("#soft", Input).value = "eighty"
+        await pilot.click("#save")
+        await pilot.pause()
+        assert isinstance(app.screen, LimitsForm)
+        assert "whole percentages" in str(app.screen.query_one("#problem").render())
+        await pilot.press("escape")
+
+
+async def test_the_global_overage_block_asks_and_says_how_many_it_affects(metered, customer):
+    app = console(metered.proxy.base_url)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            await pilot.press("B")
+            await dialog(pilot, ConfirmDialog)
+            assert "customer(s) past their included credits" in str(app.screen.query_one(".question").render())
+            await pilot.press("y")
+            await settle(pilot)
+            assert metered.api().get("/overage-block").json() == {"enabled": True}
+    finally:
+        metered.api().put("/overage-block", json={"enabled": False})
+
+
+async def test_a_readonly_console_changes_nothing_and_says_so(metered, customer):
+    app = console(metered.proxy.base_url, readonly=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await focus_customer(pilot, customer)
+        for key in ("t", "R", "l", "B"):
+            await pilot.press(key)
+            await pilot.pause()
+            assert isinstance(app.screen, CustomersScreen), key
+        assert sum("read-only" in said for said in app.said) == 4
+        shown = {active.binding.description for active in app.screen.active_bindings.values()
+                 if active.binding.show and active.enabled}
+        assert "Pause refresh" in shown
+        assert not shown & {"Trip breaker", "Reset breaker", "Edit limits", "Global overage block"}
+    assert metered.api().get(f"/customers/{customer}/breaker").json()["status"] == "closed"
+
+
+async def test_the_console_keeps_its_data_while_the_api_is_gone_and_recovers(metered, customer):
+    relay = TcpRelay(metered.proxy.port)
+    await relay.start()
+    app = console(relay.url, refresh=0.5)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await focus_customer(pilot, customer)
+            await relay.stop()
+            for _ in range(40):  # bounded: the next polls fail within a few seconds
+                await pilot.pause(0.1)
+                if app.connection.stale:
+                    break
+            assert app.connection.stale and "cannot reach" in str(app.connection.error)
+            assert [line.customer_id for line in screen.table.records] == [customer]  # the last data stays
+            assert "showing the last data" in str(screen.status.render())
+            await relay.start()
+            for _ in range(60):
+                await pilot.pause(0.1)
+                if not app.connection.stale:
+                    break
+            assert not app.connection.stale
+    finally:
+        with contextlib.suppress(Exception):
+            await relay.stop()
+
+
+async def test_a_wrong_key_is_named_as_such(metered):
+    app = console(metered.proxy.base_url, key="sk-wrong")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert app.connection.error is not None and app.connection.error.unauthorized
+        assert any("master key" in said for said in app.said)
+        assert "sk-wrong" not in str(app.screen.status.render())

@@ -1,23 +1,163 @@
-"""The operator console. The screens (burn, breakers, limits, alerts, queue) arrive with later issues."""
+"""The operator console (`meterline tui`): screens 1-5 as modes, the actions every screen shares
+(trip, reset, limits, the global overage block) and the link to the proxy. The screens live in
+tui/screens/, one per file; the keys in tui/keys.py; the styles in app.tcss."""
 
 from __future__ import annotations
 
-from textual.app import App, ComposeResult
-from textual.widgets import Footer, Header, Static
+import getpass
+from collections.abc import Iterable
+from functools import partial
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from tui import keys
+from tui.client import ConsoleClient, ConsoleError
+from tui.connection import Connection
+from tui.screens.confirm import ConfirmDialog
+from tui.screens.customers import CustomersScreen
+from tui.screens.help import HelpScreen
+from tui.screens.limits import LimitsForm
+from tui.screens.trip import TripDialog
+
+DEFAULT_REFRESH = 5.0
 
 
 class MeterlineApp(App):
-    """Shell of the console; `make_app` is the one factory the CLI and tests use."""
+    """`make_app` is the one factory the CLI and the tests use."""
 
     CSS_PATH = "app.tcss"
     TITLE = "meterline"
-    BINDINGS = [("q", "quit", "Quit")]
+    BINDINGS = keys.bindings(keys.APP_KEYS)
+    MODES = {"customers": CustomersScreen}
+    DEFAULT_MODE = "customers"
 
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield Static("meterline operator console: screens arrive with the plans and delivery issues.", id="placeholder")
-        yield Footer()
+    def __init__(self, client: ConsoleClient, *, refresh_seconds: float = DEFAULT_REFRESH, readonly: bool = False,
+                 operator: str | None = None) -> None:
+        super().__init__()
+        self.client = client
+        self.connection = Connection(client.url)
+        self.refresh_seconds = refresh_seconds
+        self.readonly = readonly
+        self.paused = False
+        self.fleet_lines: list = []
+        """The customers screen's last lines (the overage block says how many it affects)."""
+        self.operator = operator or _operator()
+        if readonly:
+            self.sub_title = "read-only"
+
+    async def on_unmount(self) -> None:
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------ keys every screen has
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return keys.allowed(action, readonly=self.readonly)
+
+    def action_readonly_notice(self) -> None:
+        self.readonly_notice()
+
+    def readonly_notice(self) -> None:
+        self.notify("This console is read-only (--readonly): nothing can be changed from it.", severity="warning")
+
+    def action_show(self, mode: str) -> None:
+        """Keys 1-5: a screen this console has, or a notice that this proxy does not offer it yet."""
+        if mode in self.MODES:
+            self.switch_mode(mode)
+        else:
+            self.notify(f"{mode.capitalize()} is not available on this proxy yet.", severity="warning")
+
+    def action_toggle_pause(self) -> None:
+        self.paused = not self.paused
+        self.notify("Refresh paused: p resumes." if self.paused else "Refresh resumed.")
+        if not self.paused:
+            self.action_refresh_now()
+
+    def action_refresh_now(self) -> None:
+        screen = self.screen
+        if hasattr(screen, "poll_now"):
+            screen.poll_now()
+
+    def action_help(self) -> None:
+        screen_keys = getattr(type(self.screen), "HELP_KEYS", ())
+        self.push_screen(HelpScreen(self.screen.__class__.__name__.removesuffix("Screen"),
+                                    keys.visible((*screen_keys, *keys.APP_KEYS), readonly=self.readonly)))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        """The command palette lists every key's action too (keys.py), but what --readonly hides."""
+        yield from super().get_system_commands(screen)
+        screen_keys = getattr(type(screen), "HELP_KEYS", ())
+        for key in keys.visible((*screen_keys, *keys.APP_KEYS), readonly=self.readonly):
+            target = self if key in keys.APP_KEYS else screen
+            yield SystemCommand(key.description, f"{key.description} (key {keys.shown(key.key)})",
+                                partial(self.run_action, key.action, target))
+
+    # ------------------------------------------------------------------ actions on a customer
+
+    @work(group="action", exit_on_error=False)
+    async def trip(self, customer_id: str) -> None:
+        reason = await self.push_screen_wait(TripDialog(customer_id))
+        if reason is None:
+            return
+        question = f"Trip {customer_id}'s circuit breaker? Its requests are refused until reset.\nReason: {reason}"
+        if await self.push_screen_wait(ConfirmDialog(question, confirm="Trip breaker")):
+            await self._change(f"Breaker of {customer_id} tripped.",
+                               self.client.move_breaker(customer_id, "trip", reason, self.operator))
+
+    @work(group="action", exit_on_error=False)
+    async def reset(self, customer_id: str) -> None:
+        if await self.push_screen_wait(ConfirmDialog(f"Reset {customer_id}'s circuit breaker? Its requests are "
+                                                     "admitted again.", confirm="Reset breaker")):
+            await self._change(f"Breaker of {customer_id} reset.",
+                               self.client.move_breaker(customer_id, "reset", "reset from the console", self.operator))
+
+    @work(group="action", exit_on_error=False)
+    async def edit_limits(self, customer_id: str) -> None:
+        try:
+            current = await self.client.limits(customer_id)
+        except ConsoleError as error:
+            self.notify(str(error), severity="error")
+            return
+        changes = await self.push_screen_wait(LimitsForm(current))
+        if changes:
+            await self._change(f"Limits of {customer_id} saved.", self.client.set_limits(customer_id, changes))
+
+    @work(group="action", exit_on_error=False)
+    async def action_overage_block(self) -> None:
+        try:
+            enabled = await self.client.overage_block()
+        except ConsoleError as error:
+            self.notify(str(error), severity="error")
+            return
+        if enabled:
+            question = "Lift the global overage block? Every customer may be billed past its included credits again."
+        else:
+            over = sum(1 for line in self.fleet_lines if line.over_quota and not line.row.block_overage)
+            question = (f"Block overage for every customer? {over:,} customer(s) past their included credits "
+                        "would be refused at once; the others when they reach theirs.")
+        if await self.push_screen_wait(ConfirmDialog(question, confirm="Lift block" if enabled else "Block overage")):
+            await self._change("Global overage block " + ("lifted." if enabled else "on."),
+                               self.client.set_overage_block(not enabled))
+
+    async def _change(self, done: str, call) -> None:
+        """Run a change; say what happened (or the API's refusal); refresh what is shown."""
+        try:
+            await call
+        except ConsoleError as error:
+            self.notify(str(error), title="Refused", severity="error", timeout=8)
+            return
+        self.notify(done)
+        self.action_refresh_now()
 
 
-def make_app() -> MeterlineApp:
-    return MeterlineApp()
+def _operator() -> str:
+    """Who the audit log names for the console's moves."""
+    try:
+        return f"console:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "console"
+
+
+def make_app(client: ConsoleClient, **options) -> MeterlineApp:
+    return MeterlineApp(client, **options)

@@ -1,0 +1,257 @@
+"""The console's one way to a proxy: meterline's HTTP API (DESIGN "Contract: operator console").
+
+Nothing here touches a database, so the console runs against a remote proxy exactly as against a
+local one. Answers are typed (pydantic models that ignore fields they do not know, so a newer proxy
+does not break an older console); every failure is one `ConsoleError`, whose text never holds the key.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+PREFIX = "/meterline/v1"
+DEFAULT_URL = "http://127.0.0.1:4000"
+MAX_PAGES = 100
+"""Fleet pages followed at most (10,000 customers each): a bound, not a setting."""
+
+
+class ConsoleError(Exception):
+    """What went wrong talking to the proxy, in words an operator can act on."""
+
+    def __init__(self, message: str, *, status: int | None = None, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.unreachable = unreachable
+
+    @property
+    def unauthorized(self) -> bool:
+        return self.status == 401
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class FleetRow(_Answer):
+    customer_id: str
+    plan: str
+    used_ucr: int
+    included_ucr: int
+    included_pct: float | None
+    hour_ucr: int
+    today_ucr: int
+    typical_hour_ucr: int
+    burn_ratio: float | None
+    projected_ucr: int
+    breaker: str
+    hard_limit_ucr: int | None
+    cap_ucr: int | None
+    block_overage: bool
+    alerts_open: int
+    hourly_ucr: list[int]
+
+
+class Fleet(_Answer):
+    generated_at: datetime
+    customers: list[FleetRow]
+    next_cursor: str | None = None
+
+
+class Member(_Answer):
+    member: str
+    used_ucr: int
+    requests: int
+
+
+class BreakerMove(_Answer):
+    at: datetime
+    before: str
+    after: str
+    by: str
+    why: str
+
+
+class CustomerDetail(FleetRow):
+    members: list[Member]
+    recent: list[dict[str, Any]]
+    breaker_history: list[BreakerMove]
+
+
+class DailyUsage(_Answer):
+    date: str
+    used_ucr: int
+    requests: int = 0
+
+
+class TopAction(_Answer):
+    action: str
+    used_ucr: int
+    share_pct: float | None = None
+
+
+class UsageReport(_Answer):
+    customer_id: str
+    period_start: datetime
+    period_end: datetime
+    used_ucr: int
+    included_ucr: int
+    daily: list[DailyUsage]
+    top_actions: list[TopAction] = []
+
+
+class Limits(_Answer):
+    customer_id: str
+    soft_thresholds_pct: list[int] | None
+    effective_soft_thresholds_pct: list[int]
+    hard_limit_ucr: int | None
+    hard_limit_usd: str | None
+    block_overage: bool
+    cap_ucr: int | None
+
+
+class Alert(_Answer):
+    id: int
+    kind: str
+    customer_id: str | None
+    subject_id: str | None
+    message: str
+    created_at: datetime
+    acknowledged: bool = False
+
+
+class QueuedEvent(_Answer):
+    id: str
+    customer_id: str
+    value_ucr: int
+    status: str
+    attempts: int
+    occurred_at: datetime | None
+    next_attempt_at: datetime | None
+    uncertain: bool
+    last_error: str | None
+
+
+class Queue(_Answer):
+    depth: dict[str, int]
+    oldest_waiting_at: datetime | None
+    oldest_age_seconds: float | None
+    events: list[QueuedEvent]
+
+
+Model = TypeVar("Model", bound=BaseModel)
+_ALERTS = TypeAdapter(list[Alert])
+
+
+class ConsoleClient:
+    """meterline's operator routes, with the master key; one per console."""
+
+    def __init__(self, url: str, key: str, *, timeout: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.url + PREFIX, headers={"Authorization": f"Bearer {key}"},
+                                       timeout=timeout, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def fleet(self) -> Fleet:
+        """Every customer, following the pages."""
+        first = await self._get(Fleet, "/customers")
+        customers, cursor = list(first.customers), first.next_cursor
+        for _ in range(MAX_PAGES):
+            if cursor is None:
+                break
+            page = await self._get(Fleet, "/customers", params={"cursor": cursor})
+            customers += page.customers
+            cursor = page.next_cursor
+        return first.model_copy(update={"customers": customers, "next_cursor": None})
+
+    async def customer(self, customer_id: str) -> CustomerDetail:
+        return await self._get(CustomerDetail, f"/customers/{_segment(customer_id)}")
+
+    async def usage(self, customer_id: str) -> UsageReport:
+        return await self._get(UsageReport, f"/customers/{_segment(customer_id)}/usage")
+
+    async def move_breaker(self, customer_id: str, action: str, reason: str, by: str) -> None:
+        """`action` "trip" or "reset"; audited with `reason` and `by`."""
+        await self._send("POST", f"/customers/{_segment(customer_id)}/breaker",
+                         {"action": action, "reason": reason, "by": by})
+
+    async def limits(self, customer_id: str) -> Limits:
+        return await self._get(Limits, "/limits", headers={"X-Meterline-Customer": customer_id})
+
+    async def set_limits(self, customer_id: str, changes: dict[str, Any]) -> Limits:
+        """Only the fields in `changes` (None clears one); the API's refusal arrives as a ConsoleError."""
+        return Limits.model_validate(await self._send("PUT", f"/customers/{_segment(customer_id)}/limits", changes))
+
+    async def overage_block(self) -> bool:
+        return bool((await self._json("GET", "/overage-block"))["enabled"])
+
+    async def set_overage_block(self, enabled: bool) -> None:
+        await self._send("PUT", "/overage-block", {"enabled": enabled})
+
+    async def alerts(self, *, kind: str | None = None, customer_id: str | None = None,
+                     limit: int = 500) -> list[Alert]:
+        params = {"limit": limit, "kind": kind, "customer_id": customer_id}
+        params = {name: value for name, value in params.items() if value is not None}
+        return _parse(_ALERTS, (await self._json("GET", "/alerts", params=params))["alerts"])
+
+    async def acknowledge(self, alert_id: int) -> None:
+        await self._send("POST", f"/alerts/{alert_id}/ack", {})
+
+    async def queue(self, status: str | None = None) -> Queue:
+        return await self._get(Queue, "/outbox", params={"limit": 500} | ({"status": status} if status else {}))
+
+    async def requeue(self, ids: list[str], *, force: bool = False) -> int:
+        return int((await self._send("POST", "/outbox/retry", {"ids": ids, "force": force}))["requeued"])
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _get(self, model: type[Model], path: str, **kwargs: Any) -> Model:
+        return _parse(model, await self._json("GET", path, **kwargs))
+
+    async def _send(self, method: str, path: str, body: dict[str, Any]) -> Any:
+        return await self._json(method, path, json=body)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ConsoleError(f"{self.url} did not answer in time", unreachable=True) from None
+        except httpx.TransportError as error:
+            raise ConsoleError(f"cannot reach {self.url} ({error.__class__.__name__})", unreachable=True) from None
+        if response.status_code == 401:
+            raise ConsoleError("the proxy refused the master key: check LITELLM_MASTER_KEY", status=401)
+        if response.status_code >= 400:
+            raise ConsoleError(_refusal(response), status=response.status_code)
+        try:
+            return response.json()
+        except ValueError:
+            raise ConsoleError(f"{method} {path}: the answer is not JSON", status=response.status_code) from None
+
+
+def _segment(value: str) -> str:
+    """A customer id as one path segment (ids may hold characters such as `:` and `@`)."""
+    return httpx.URL(path=value).raw_path.decode().replace("/", "%2F")
+
+
+def _parse(model: type[Model] | TypeAdapter, data: Any) -> Any:
+    try:
+        return model.validate_python(data) if isinstance(model, TypeAdapter) else model.model_validate(data)
+    except ValidationError as error:
+        raise ConsoleError(f"unexpected answer from the proxy ({error.error_count()} field(s) differ); "
+                           "is it an older meterline?") from None
+
+
+def _refusal(response: httpx.Response) -> str:
+    """The OpenAI-shaped error's message, else the status line."""
+    try:
+        error = response.json().get("error", {})
+        message = error.get("message") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        message = None
+    return message or f"HTTP {response.status_code} from the proxy"
