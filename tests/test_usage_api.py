@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
+from plugin.ledger import store
 from plugin.rules.plans import calendar_month
 from tests.test_proxy_metering import ask, expected_ucr, unique
 
@@ -195,3 +196,24 @@ def test_openapi_describes_meterlines_own_routes(metered):
         assert f"/meterline/v1{path}" in paths
     assert not any(path.startswith("/v1/") or path.startswith("/chat") for path in paths)
     json.dumps(answer.json())  # plain JSON, no objects the client cannot read
+
+
+def test_an_acknowledged_alert_is_no_longer_open(metered, two):
+    a, _ = two
+    store.add_alert(metered.engine, "soft_limit", "80% used", customer_id=a.customer_id)
+    [alert] = metered.api().get("/alerts", params={"customer_id": a.customer_id}).json()["alerts"]
+    assert (alert["acknowledged"], alert["acknowledged_at"]) == (False, None)
+
+    def open_alerts() -> int:
+        return metered.api().get("/customers", params={"q": a.customer_id}).json()["customers"][0]["alerts_open"]
+
+    assert open_alerts() == 1
+    assert metered.api(a.key).post(f"/alerts/{alert['id']}/ack").status_code == 401  # a customer's key
+    first = metered.api().post(f"/alerts/{alert['id']}/ack")
+    assert first.status_code == 200 and first.json()["acknowledged"] is True
+    again = metered.api().post(f"/alerts/{alert['id']}/ack").json()
+    assert again["acknowledged_at"] == first.json()["acknowledged_at"]  # the first acknowledgement counts
+    [seen] = metered.api().get("/alerts", params={"customer_id": a.customer_id}).json()["alerts"]
+    assert seen["acknowledged"] is True and open_alerts() == 0
+    assert metered.api().post("/alerts/999999999/ack").json()["error"]["type"] == "unknown_alert"
+    assert metered.api().post("/alerts/abc/ack").status_code == 422

@@ -15,10 +15,12 @@ from textual.screen import Screen
 from tui import keys
 from tui.client import ConsoleClient, ConsoleError
 from tui.connection import Connection
+from tui.screens.alerts import AlertsScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.customers import CustomersScreen
 from tui.screens.help import HelpScreen
 from tui.screens.limits import LimitsForm
+from tui.screens.queue import QueueScreen
 from tui.screens.trip import TripDialog
 
 DEFAULT_REFRESH = 5.0
@@ -30,7 +32,7 @@ class MeterlineApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "meterline"
     BINDINGS = keys.bindings(keys.APP_KEYS)
-    MODES = {"customers": CustomersScreen}
+    MODES = {"customers": CustomersScreen, "alerts": AlertsScreen, "queue": QueueScreen}
     DEFAULT_MODE = "customers"
 
     def __init__(self, client: ConsoleClient, *, refresh_seconds: float = DEFAULT_REFRESH, readonly: bool = False,
@@ -133,7 +135,7 @@ class MeterlineApp(App):
         if enabled:
             question = "Lift the global overage block? Every customer may be billed past its included credits again."
         else:
-            over = sum(1 for line in self.fleet_lines if line.over_quota and not line.row.block_overage)
+            over = sum(1 for line in self.fleet_lines if line.over_quota and not line.row["block_overage"])
             question = (f"Block overage for every customer? {over:,} customer(s) past their included credits "
                         "would be refused at once; the others when they reach theirs.")
         if await self.push_screen_wait(ConfirmDialog(question, confirm="Lift block" if enabled else "Block overage")):

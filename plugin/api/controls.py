@@ -164,8 +164,24 @@ async def alerts(authorization: Authorization = None, customer: CustomerHeader =
                                     newest_first=True)
     return JSONResponse({"alerts": [
         {"id": item.id, "kind": item.kind, "customer_id": item.customer_id, "subject_id": item.subject_id,
-         "message": item.message, "created_at": as_utc(item.created_at).isoformat()} for item in found
+         "message": item.message, "created_at": as_utc(item.created_at).isoformat(),
+         "acknowledged": item.acknowledged_at is not None,
+         "acknowledged_at": None if item.acknowledged_at is None else as_utc(item.acknowledged_at).isoformat()}
+        for item in found
     ]})
+
+
+@router.post("/alerts/{alert_id}/ack")
+async def acknowledge(alert_id: Annotated[int, Path(ge=1, le=2**62)],
+                      authorization: Authorization = None) -> JSONResponse:
+    """An operator has seen the alert (master key): it no longer counts as open; repeating it changes nothing."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    meterline = runtime.current()
+    at = await asyncio.to_thread(ledger_store.acknowledge_alert, meterline.engine, alert_id, meterline.clock())
+    if at is None:
+        return _error(404, "unknown_alert", f"No alert {alert_id}.")
+    return JSONResponse({"id": alert_id, "acknowledged": True, "acknowledged_at": at.isoformat()})
 
 
 class PreviewBody(BaseModel):

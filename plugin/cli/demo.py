@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 from typing import TextIO
@@ -47,7 +48,18 @@ print(c.chat.completions.create(model="demo", messages=[{{"role": "user", "conte
     -H "Content-Type: application/json" -d '{{"hard_limit_ucr": 5000000, "soft_thresholds_pct": [50, 80]}}'
   curl {base}/meterline/v1/preview -H "Authorization: Bearer {secret}" -H "Content-Type: application/json" \\
     -d '{{"model": "demo", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 100}}'
+
+  the operator console, in another terminal:
+  LITELLM_MASTER_KEY={_master_key_hint()} .venv/bin/meterline tui --url {base}
 {stripe_note}""", file=out)
+
+
+DEMO_MASTER_KEY = "sk-meterline-demo-master"
+"""`make run`'s default master key (a demo value, printed); a key of the operator's own is never printed."""
+
+
+def _master_key_hint() -> str:
+    return DEMO_MASTER_KEY if os.environ.get("LITELLM_MASTER_KEY") == DEMO_MASTER_KEY else "<your master key>"
 
 
 def _demo_stripe(meterline: runtime.Meterline, customer_id: str, out: TextIO) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text
+from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -303,6 +303,15 @@ def open_alert_counts(engine: Engine) -> dict[str, int]:
              .group_by(_ALERTS.c.customer_id))
     with engine.connect() as connection:
         return {customer: int(count) for customer, count in connection.execute(query)}
+
+
+def acknowledge_alert(engine: Engine, alert_id: int, at: datetime) -> datetime | None:
+    """Mark an alert seen by an operator (the first time counts); when it was, or None for no such alert."""
+    with engine.begin() as connection:
+        connection.execute(update(_ALERTS).where(_ALERTS.c.id == alert_id, _ALERTS.c.acknowledged_at.is_(None))
+                           .values(acknowledged_at=at))
+        found = connection.execute(select(_ALERTS.c.acknowledged_at).where(_ALERTS.c.id == alert_id)).first()
+    return None if found is None else as_utc(found[0])
 
 
 def has_alert(connection: Connection, kind: str, subject_id: str) -> bool:

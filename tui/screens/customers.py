@@ -7,49 +7,75 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.widgets import Footer, Header, Input
 
 from tui import format as fmt
 from tui import keys
-from tui.client import Fleet
+from tui.client import Fleet, FleetRow
 from tui.fleet_view import FleetLine, fleet_lines, matching
 from tui.screens.live import LiveScreen
-from tui.widgets.record_table import Column, RecordTable
+from tui.widgets.record_table import Column, RecordTable, ordered
 from tui.widgets.status_line import StatusLine
 
 
-def _marked(name: str, label: Callable[[int], str] = fmt.credits) -> Callable[[FleetLine], Text]:
-    """A figure with ↑ (green) or ↓ (red) when it moved since the last refresh."""
-    def cell(line: FleetLine) -> Text:
-        moved = line.moved.get(name)
-        text = Text(label(getattr(line.row, name)))
-        if moved:
-            text.append("↑" if moved > 0 else "↓", style="green" if moved > 0 else "red")
-        else:
-            text.append(" ")
-        return text
-    return cell
+def _field(name: str) -> Callable[[FleetLine], object]:
+    return lambda line: line.row[name]
+
+
+def _credits(name: str) -> Callable[[FleetLine], str]:
+    return lambda line: fmt.credits(line.row[name])
+
+
+def _moved(name: str) -> Callable[[FleetLine], int]:
+    """↑ or ↓ when the figure moved since the last refresh."""
+    return lambda line: line.moved.get(name, 0)
 
 
 COLUMNS: tuple[Column[FleetLine], ...] = (
-    Column("customer", "Customer", 14, lambda line: line.customer_id, lambda line: line.customer_id, False),
-    Column("hour", "Hour", 8, _marked("hour_ucr"), lambda line: line.row.hour_ucr),
-    Column("today", "Today", 8, _marked("today_ucr"), lambda line: line.row.today_ucr),
-    Column("period", "Period", 9, _marked("used_ucr"), lambda line: line.row.used_ucr),
-    Column("included", "Incl", 6, lambda line: fmt.percent(line.row.included_pct), lambda line: line.row.included_pct),
-    Column("projected", "Projected", 9, _marked("projected_ucr"), lambda line: line.row.projected_ucr),
-    Column("burn", "Burn", 5, lambda line: fmt.ratio(line.row.burn_ratio), lambda line: line.row.burn_ratio),
-    Column("breaker", "Breaker", 9, lambda line: line.row.breaker, lambda line: line.row.breaker, False),
+    Column("customer", "Customer", 14, _field("customer_id"), _field("customer_id"), False),
+    Column("hour", "Hour", 8, _credits("hour_ucr"), _field("hour_ucr"), mark=_moved("hour_ucr")),
+    Column("today", "Today", 8, _credits("today_ucr"), _field("today_ucr"), mark=_moved("today_ucr")),
+    Column("period", "Period", 9, _credits("used_ucr"), _field("used_ucr"), mark=_moved("used_ucr")),
+    Column("included", "Incl", 6, lambda line: fmt.percent(line.row["included_pct"]), _field("included_pct")),
+    Column("projected", "Projected", 9, _credits("projected_ucr"), _field("projected_ucr"),
+           mark=_moved("projected_ucr")),
+    Column("burn", "Burn", 5, lambda line: fmt.ratio(line.row["burn_ratio"]), _field("burn_ratio")),
+    Column("breaker", "Breaker", 9, _field("breaker"), _field("breaker"), False),
     Column("flags", "Flg", 3, lambda line: line.flags, lambda line: line.flags, False),
-    Column("alerts", "Al", 2, lambda line: str(line.row.alerts_open or ""), lambda line: line.row.alerts_open),
-    Column("last24h", "Last 24 h", 24, lambda line: fmt.sparkline(line.row.hourly_ucr),
-           lambda line: sum(line.row.hourly_ucr), False),
-    Column("plan", "Plan", 12, lambda line: line.row.plan, lambda line: line.row.plan, False),
+    Column("alerts", "Al", 2, lambda line: str(line.row["alerts_open"] or ""), _field("alerts_open")),
+    Column("last24h", "Last 24 h", 24, lambda line: fmt.sparkline(line.row["hourly_ucr"]),
+           lambda line: sum(line.row["hourly_ucr"]), False),
+    Column("plan", "Plan", 12, _field("plan"), _field("plan"), False),
 )
+
+
+@dataclass(frozen=True)
+class View:
+    """What the table shows of the fleet: filter, faults only, sort."""
+
+    text: str
+    faults_only: bool
+    sort_column: str | None
+    descending: bool
+
+
+@dataclass(frozen=True)
+class Refresh:
+    lines: list[FleetLine]
+    shown: list[FleetLine]
+    """`lines` as `view` shows them."""
+    view: View
+
+
+def _refresh(previous: dict[str, FleetRow], rows: list[FleetRow], view: View) -> Refresh:
+    lines = fleet_lines(previous, rows)
+    shown = ordered(matching(lines, view.text, faults_only=view.faults_only), COLUMNS, view.sort_column,
+                    view.descending)
+    return Refresh(lines, shown, view)
 
 
 class CustomersScreen(LiveScreen):
@@ -78,21 +104,33 @@ class CustomersScreen(LiveScreen):
     def filter_input(self) -> Input:
         return self.query_one("#filter", Input)
 
-    async def fetch(self) -> list[FleetLine]:
+    async def fetch(self) -> Refresh:
+        """The fleet, with its markers, filtered and sorted as the table is now: all off the UI thread."""
         fleet: Fleet = await self.app.client.fleet()
         previous = {line.customer_id: line.row for line in self.lines}
-        return await asyncio.to_thread(fleet_lines, previous, fleet.customers)
+        view = self._view()
+        return await asyncio.to_thread(_refresh, previous, fleet["customers"], view)
 
-    def paint(self, lines: list[FleetLine]) -> None:
-        self.lines = self.app.fleet_lines = lines
-        self._show()
+    def paint(self, refresh: Refresh) -> None:
+        self.lines = self.app.fleet_lines = refresh.lines
+        if refresh.view == self._view():
+            self._show(refresh.shown)
+        else:  # the filter or the sort changed while the fleet was on its way
+            self._show()
 
-    def _show(self) -> None:
-        shown = matching(self.lines, self.filter_input.value, faults_only=self.faults_only)
-        self.table.show(shown)
+    def _view(self) -> View:
+        table = self.table
+        return View(self.filter_input.value, self.faults_only, table.sort_column, table.descending)
+
+    def _show(self, shown: list[FleetLine] | None = None) -> None:
+        if shown is None:
+            self.table.show(matching(self.lines, self.filter_input.value, faults_only=self.faults_only))
+        else:
+            self.table.show(shown, in_order=True)
         faults = sum(line.faulty for line in self.lines)
         scope = " · faults only" if self.faults_only else ""
-        self.status.summary = f"{len(shown):,} of {len(self.lines):,} customers · {faults:,} with faults{scope}"
+        self.status.summary = (f"{len(self.table.records):,} of {len(self.lines):,} customers · "
+                               f"{faults:,} with faults{scope}")
         self.status.redraw()
 
     # ------------------------------------------------------------------ keys

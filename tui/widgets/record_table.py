@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
-from rich.text import Text
+from rich.segment import Segment
+from rich.style import Style
 from textual import events
 from textual.binding import Binding
 from textual.geometry import Size
@@ -30,9 +32,11 @@ class Column(Generic[R]):
     key: str
     label: str
     width: int
-    cell: Callable[[R], str | Text]
+    cell: Callable[[R], str]
     sort_key: Callable[[R], Any]
     align_right: bool = True
+    mark: Callable[[R], int] | None = None
+    """+1 / -1 draws ↑ / ↓ after the value (it moved since the last refresh); 0 a space."""
 
 
 class RecordTable(ScrollView, Generic[R], can_focus=True):
@@ -44,8 +48,11 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
     RecordTable > .record-table--cursor { background: $accent 40%; }
     RecordTable:focus > .record-table--cursor { background: $accent; color: $text; }
     RecordTable > .record-table--fault { color: $error; }
+    RecordTable > .record-table--up { color: $success; }
+    RecordTable > .record-table--down { color: $warning; }
     """
-    COMPONENT_CLASSES = {"record-table--header", "record-table--cursor", "record-table--fault"}
+    COMPONENT_CLASSES = {"record-table--header", "record-table--cursor", "record-table--fault", "record-table--up",
+                         "record-table--down"}
     BINDINGS = [
         Binding("up", "move(-1)", "Up", show=False),
         Binding("down", "move(1)", "Down", show=False),
@@ -93,11 +100,15 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
     def cursor_record(self) -> R | None:
         return self._shown[self.cursor] if 0 <= self.cursor < len(self._shown) else None
 
-    def show(self, records: Sequence[R]) -> None:
-        """Show these records (already filtered), sorted as the table is; the cursor stays on its record."""
+    def show(self, records: Sequence[R], *, in_order: bool = False) -> None:
+        """Show these records (already filtered), sorted as the table is, or as given with `in_order`
+        (sorted by `ordered` off the UI thread); the cursor stays on its record."""
         keep = self.cursor_record
         self._records = list(records)
-        self._order()
+        if in_order:
+            self._shown = self._records
+        else:
+            self._order()
         if keep is not None:
             self.move_to(self._key_of(keep))
         self.cursor = min(self.cursor, max(0, len(self._shown) - 1))
@@ -117,23 +128,16 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
 
     def move_to(self, key: str) -> bool:
         """Put the cursor on the record with this key, if it is shown."""
-        for index, record in enumerate(self._shown):
-            if self._key_of(record) == key:
-                self.cursor = index
-                self._follow()
-                return True
-        return False
+        key_of = self._key_of
+        found = next((index for index, record in enumerate(self._shown) if key_of(record) == key), None)
+        if found is None:
+            return False
+        self.cursor = found
+        self._follow()
+        return True
 
     def _order(self) -> None:
-        column = next((column for column in self.columns if column.key == self.sort_column), None)
-        if column is None:
-            self._shown = self._records
-            return
-        key = column.sort_key
-        # None sorts last either way: (is None, value)
-        present = [record for record in self._records if key(record) is not None]
-        absent = [record for record in self._records if key(record) is None]
-        self._shown = sorted(present, key=key, reverse=self.descending) + absent
+        self._shown = ordered(self._records, self.columns, self.sort_column, self.descending)
 
     # ------------------------------------------------------------------ keys and mouse
 
@@ -182,46 +186,60 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         width = self.size.width
         base = self.rich_style
         if y == 0:
-            line = self._header()
             style = base + self.get_component_rich_style("record-table--header")
+            segments = [Segment(self._header(), style)]
         else:
             index = scroll_y + y - 1
             if index >= len(self._shown):
                 return Strip.blank(width, base)
             record = self._shown[index]
-            line = self._line(record)
             style = base
             if self._fault(record):
                 style += self.get_component_rich_style("record-table--fault")
             if index == self.cursor:
                 style += self.get_component_rich_style("record-table--cursor")
-        line.style = style  # under the cells' own colours
-        return Strip(list(line.render(self.app.console)), line.cell_len).crop_extend(scroll_x, scroll_x + width, style)
+            segments = self._line(record, style)
+        return Strip(segments, self._width).crop_extend(scroll_x, scroll_x + width, style)
 
-    def _header(self) -> Text:
-        text = Text()
+    def _header(self) -> str:
+        labels = []
         for column in self.columns:
             label = column.label
             if column.key == self.sort_column:
                 label += " ▼" if self.descending else " ▲"
-            text.append(_fit(label, column.width, column.align_right) + " ")
-        return text
+            labels.append(_fit(label, column.width, column.align_right))
+        return " ".join(labels) + " "
 
-    def _line(self, record: R) -> Text:
-        text = Text()
+    def _line(self, record: R, style: Style) -> list[Segment]:
+        """Plain segments, one per cell (and per marker): no rich Text per cell, which cost most of a redraw."""
+        segments = []
+        up = style + self.get_component_rich_style("record-table--up")
+        down = style + self.get_component_rich_style("record-table--down")
         for column in self.columns:
-            value = column.cell(record)
-            if isinstance(value, Text):
-                plain = _fit(value.plain, column.width, column.align_right)
-                cell = Text(plain, style=value.style)
-                for span in value.spans:
-                    offset = len(plain) - len(value.plain) if column.align_right else 0
-                    cell.stylize(span.style, span.start + offset, span.end + offset)
-                text.append_text(cell)
-                text.append(" ")
-            else:
-                text.append(_fit(value, column.width, column.align_right) + " ")
-        return text
+            if column.mark is None:
+                segments.append(Segment(_fit(column.cell(record), column.width, column.align_right) + " ", style))
+                continue
+            segments.append(Segment(_fit(column.cell(record), column.width - 1, column.align_right), style))
+            moved = column.mark(record)
+            segments.append(Segment(("↑" if moved > 0 else "↓") if moved else " ", up if moved > 0 else down))
+            segments.append(Segment(" ", style))
+        return segments
+
+
+def ordered(records: Sequence[R], columns: Sequence[Column[R]], sort_column: str | None,
+            descending: bool) -> list[R]:
+    """`records` as a table sorted by `sort_column` shows them: records without a value (None) last
+    either way, ties in their given order. Pure, so a poll worker can sort off the UI thread."""
+    column = next((column for column in columns if column.key == sort_column), None)
+    if column is None:
+        return list(records)
+    key = column.sort_key
+    keyed = [(value, record) for record in records if (value := key(record)) is not None]
+    keyed.sort(key=itemgetter(0), reverse=descending)  # stable: ties keep their order
+    shown = [record for _, record in keyed]
+    if len(keyed) < len(records):
+        shown += [record for record in records if key(record) is None]
+    return shown
 
 
 def _fit(value: str, width: int, right: bool) -> str:
