@@ -1,6 +1,12 @@
 """The usage rollups (tables `usage_hours`, `usage_days`): written in the ledger's own transaction,
 backfilled from the ledger for databases that predate them, and read by plugin/services/usage.py.
 
+Who writes them: on SQLite, a trigger on the ledger (plugin/ledger/sql/rollups_sqlite.sql), in
+the ledger row's own statement: no Python per row on the billing path, and SQLite's single writer
+makes the upserts' order harmless. On Postgres, `add_on`, which upserts the keys of a whole batch
+in sorted order: row-by-row triggers would lock rollup rows in ledger-row order, and two proxies
+writing the same customers could deadlock.
+
 A usage read then costs the same for a customer with ten rows as for one with ten million: it
 sums at most a period's days (and hours), never the customer's raw rows, except for the partial
 first and last hour or day of a window that does not start on a whole one (an anchored period).
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.resources import files
 
 from sqlalchemy import (
     BigInteger,
@@ -24,7 +31,6 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from plugin.ledger.models import LedgerEntry, Switch, UsageDay, UsageHour, utcnow
 from plugin.ledger.prepared import Prepared
@@ -50,9 +56,9 @@ BACKFILLED = "rollups_backfilled"
 """The row in `switches` that says the rollups hold every ledger row (set by `backfill`)."""
 
 
-def _adding(insert_of, table, keys: tuple[str, ...]) -> Prepared:
-    """INSERT, or add to the row that is there: one statement per rollup row, whatever the dialect."""
-    statement = insert_of(table)
+def _adding(table, keys: tuple[str, ...]) -> Prepared:
+    """INSERT, or add to the row that is there (Postgres): one statement per rollup row."""
+    statement = pg_insert(table)
     statement = statement.on_conflict_do_update(
         index_elements=list(keys),
         set_={name: table.c[name] + statement.excluded[name] for name in _SUMS},
@@ -60,23 +66,30 @@ def _adding(insert_of, table, keys: tuple[str, ...]) -> Prepared:
     return Prepared(statement, columns=(*keys, *_SUMS))
 
 
-_ADD = {
-    dialect: (_adding(insert_of, _HOURS, ("customer_id", "hour")),
-              _adding(insert_of, _DAYS, ("customer_id", "day", "dimension", "name")))
-    for dialect, insert_of in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
-}
+_ADD_HOURS = _adding(_HOURS, ("customer_id", "hour"))
+_ADD_DAYS = _adding(_DAYS, ("customer_id", "day", "dimension", "name"))
+_SQLITE_TRIGGER = (files("plugin.ledger") / "sql" / "rollups_sqlite.sql").read_text()
+
+
+def install(engine: Engine) -> None:
+    """SQLite: create the ledger's rollup trigger where missing (every start-up, before the backfill)."""
+    if engine.dialect.name == "sqlite":
+        with engine.begin() as connection:
+            connection.exec_driver_sql(_SQLITE_TRIGGER)
 
 
 def add_on(connection: Connection, entries: Iterable[LedgerRow]) -> None:
-    """Add new ledger rows to the rollups, in the caller's (the ledger's) transaction."""
+    """Add new ledger rows to the rollups, in the caller's (the ledger's) transaction: Postgres. On
+    SQLite the trigger has done it with each row's insert."""
+    if connection.dialect.name == "sqlite":
+        return
     hours, days = fold(entries)
     if not hours:
         return
-    add_hours, add_days = _ADD[connection.dialect.name]
-    add_hours.many(connection, [
+    _ADD_HOURS.many(connection, [  # sorted: every transaction locks rollup rows in the same order
         {"customer_id": customer, "hour": hour, "credits_ucr": tally.credits_ucr, "requests": tally.requests,
          "saved_ucr": tally.saved_ucr} for (customer, hour), tally in sorted(hours.items())])
-    add_days.many(connection, [
+    _ADD_DAYS.many(connection, [
         {"customer_id": customer, "day": day, "dimension": dimension, "name": name,
          "credits_ucr": tally.credits_ucr, "requests": tally.requests, "saved_ucr": tally.saved_ucr}
         for (customer, day, dimension, name), tally in sorted(days.items())])

@@ -11,7 +11,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, Engine, bindparam, event, func, inspect, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -58,6 +68,7 @@ def make_engine(url: str) -> Engine:
     SQLModel.metadata.create_all(engine)
     _add_missing_columns(engine)
     revisions.install(engine)
+    rollups.install(engine)
     rollups.backfill(engine)
     return engine
 
