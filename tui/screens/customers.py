@@ -65,9 +65,14 @@ class View:
 
 @dataclass(frozen=True)
 class Refresh:
+    """A refresh made in the poll worker, so the UI thread only hands it to the table."""
+
     lines: list[FleetLine]
     shown: list[FleetLine]
     """`lines` as `view` shows them."""
+    positions: dict[str, int]
+    """Customer id -> its line in `shown` (the cursor finds its customer without a search)."""
+    faults: int
     view: View
 
 
@@ -75,7 +80,8 @@ def _refresh(previous: dict[str, FleetRow], rows: list[FleetRow], view: View) ->
     lines = fleet_lines(previous, rows)
     shown = ordered(matching(lines, view.text, faults_only=view.faults_only), COLUMNS, view.sort_column,
                     view.descending)
-    return Refresh(lines, shown, view)
+    return Refresh(lines, shown, {line.customer_id: index for index, line in enumerate(shown)},
+                   sum(line.faulty for line in lines), view)
 
 
 class CustomersScreen(LiveScreen):
@@ -86,6 +92,7 @@ class CustomersScreen(LiveScreen):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[FleetLine] = []
+        self.faults = 0
         self.faults_only = False
 
     def compose(self) -> ComposeResult:
@@ -113,24 +120,26 @@ class CustomersScreen(LiveScreen):
 
     def paint(self, refresh: Refresh) -> None:
         self.lines = self.app.fleet_lines = refresh.lines
+        self.faults = refresh.faults
         if refresh.view == self._view():
-            self._show(refresh.shown)
+            self.table.show(refresh.shown, in_order=True, positions=refresh.positions)
         else:  # the filter or the sort changed while the fleet was on its way
-            self._show()
+            self.table.show(matching(self.lines, self.filter_input.value, faults_only=self.faults_only))
+        self._summarize()
 
     def _view(self) -> View:
         table = self.table
         return View(self.filter_input.value, self.faults_only, table.sort_column, table.descending)
 
-    def _show(self, shown: list[FleetLine] | None = None) -> None:
-        if shown is None:
-            self.table.show(matching(self.lines, self.filter_input.value, faults_only=self.faults_only))
-        else:
-            self.table.show(shown, in_order=True)
-        faults = sum(line.faulty for line in self.lines)
+    def _show(self) -> None:
+        """Filter again on the UI thread: the operator changed the filter or "faults only"."""
+        self.table.show(matching(self.lines, self.filter_input.value, faults_only=self.faults_only))
+        self._summarize()
+
+    def _summarize(self) -> None:
         scope = " · faults only" if self.faults_only else ""
         self.status.summary = (f"{len(self.table.records):,} of {len(self.lines):,} customers · "
-                               f"{faults:,} with faults{scope}")
+                               f"{self.faults:,} with faults{scope}")
         self.status.redraw()
 
     # ------------------------------------------------------------------ keys

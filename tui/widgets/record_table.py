@@ -8,7 +8,7 @@ rendered, each from its record. The cursor follows its record's key across refre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
@@ -100,19 +100,26 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
     def cursor_record(self) -> R | None:
         return self._shown[self.cursor] if 0 <= self.cursor < len(self._shown) else None
 
-    def show(self, records: Sequence[R], *, in_order: bool = False) -> None:
-        """Show these records (already filtered), sorted as the table is, or as given with `in_order`
-        (sorted by `ordered` off the UI thread); the cursor stays on its record."""
+    def show(self, records: list[R], *, in_order: bool = False, positions: Mapping[str, int] | None = None) -> None:
+        """Show these records (already filtered; the table keeps the list), sorted as the table is, or as
+        given with `in_order` (sorted by `ordered` off the UI thread, which may also give each key's
+        position); the cursor stays on its record."""
         keep = self.cursor_record
-        self._records = list(records)
+        self._records = records
         if in_order:
-            self._shown = self._records
+            self._shown = records
         else:
             self._order()
         if keep is not None:
-            self.move_to(self._key_of(keep))
+            key = self._key_of(keep)
+            if positions is None:
+                self.move_to(key)
+            elif key in positions:
+                self.cursor = positions[key]
         self.cursor = min(self.cursor, max(0, len(self._shown) - 1))
-        self.virtual_size = Size(self._width, len(self._shown) + 1)
+        size = Size(self._width, len(self._shown) + 1)
+        if size != self.virtual_size:  # a new size lays the screen out again: only when it changed
+            self.virtual_size = size
         self._follow()
         self.refresh()
 
