@@ -7,8 +7,8 @@ router (the same route code as the proxy). The console runs headless (Textual's 
 the real client, at --size.
 
 Measured, per refresh (--refreshes of them, after a warm-up):
-  - fetch + parse: `ConsoleClient.fleet()` (HTTP, gzip, pydantic) plus the ↑/↓ markers, which the
-    poll worker does off the UI thread (but in the same process);
+  - fetch + parse: `ConsoleClient.fleet()` (HTTP, uncompressed on loopback, orjson) plus the ↑/↓
+    markers, which the poll worker does off the UI thread (but in the same process);
   - the poll worker inside the console: the same plus filtering and sorting for the table;
   - UI thread: the CPU time of `CustomersScreen.paint` (hand the ordered lines to the table, keep the
     cursor on its customer) plus the next screen update that draws the visible lines, with a filter
@@ -113,7 +113,7 @@ def main() -> int:
             usage_query.running_app(Path(workdir), f"sqlite:///{database}") as base:
         found = asyncio.run(measure(base, args))
     print(f"{found['customers']:,} customers, terminal {args.size[0]}x{args.size[1]}")
-    print(f"  fetch + parse (HTTP, gzip, pydantic, markers): {ms(found['fetch'])}")
+    print(f"  fetch + parse (HTTP, orjson, markers):          {ms(found['fetch'])}")
     print(f"  poll worker, in the console (+ filter, sort):   {ms(found['worker'])}")
     print(f"  UI thread per refresh, CPU (paint + draw):      {ms(found['paint'])}")
     print(f"  memory: one refresh's data {found['traced_mb']:.0f} MB (peak while making it "
