@@ -3,6 +3,7 @@ every action's proof is what the API holds afterwards (DESIGN "Contract: operato
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import pytest
@@ -44,9 +45,9 @@ def console(url: str, key: str = MASTER_KEY, **options) -> MeterlineApp:
 
 
 async def settle(pilot) -> None:
-    """Let the poll worker answer and the screen paint."""
+    """Let the poll worker answer and the screen paint (bounded: a worker waiting on a dialog never ends)."""
     await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
+    await asyncio.wait_for(pilot.app.workers.wait_for_complete(), timeout=30)
     await pilot.pause()
 
 
