@@ -20,6 +20,7 @@ from tui.screens.alerts import AlertsScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.customer import CustomerScreen
 from tui.screens.customers import CustomersScreen
+from tui.screens.help import HelpScreen
 from tui.screens.limits import LimitsForm
 from tui.screens.queue import QueueScreen
 from tui.screens.trip import TripDialog
@@ -287,3 +288,23 @@ async def test_a_dead_event_is_requeued_from_the_queue_screen(metered, customer)
     assert all(event["status"] != "dead"
                for event in metered.api().get("/outbox", params={"customer": customer}).json()["events"])
     assert metered.api().get("/outbox", params={"customer": customer, "status": "dead"}).json()["events"] == []
+
+
+@pytest.mark.parametrize("readonly", [False, True], ids=["operator", "readonly"])
+async def test_help_and_the_palette_list_the_keys_readonly_hides_the_changes(metered, readonly):
+    app = console(metered.proxy.base_url, readonly=readonly)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        listed = str(app.screen.query_one("#keys").render())
+        assert "Filter" in listed and "Pause refresh" in listed
+        assert ("Trip breaker" in listed) is not readonly and ("Global overage block" in listed) is not readonly
+        await pilot.press("escape")
+        await pilot.pause()
+        commands = {command.title: command for command in app.get_system_commands(app.screen)}
+        assert {"Filter", "Faults only", "Refresh now"} <= set(commands)
+        assert ("Trip breaker" in commands) is not readonly
+        await commands["Faults only"].callback()  # a palette entry runs the same action as its key
+        assert app.screen.faults_only is True
