@@ -489,3 +489,13 @@ def test_demo_prints_snippets_that_use_the_key_it_saved(cli, tmp_path):
     assert f'curl -X PUT http://127.0.0.1:4111/meterline/v1/limits -H "Authorization: Bearer {secret}" \\' in out
     assert "/meterline/v1/preview" in out
     assert cli("demo", "--key-file", str(key_file))[0] == 0 and key_file.read_text().strip() == secret  # reused
+
+
+@pytest.mark.parametrize("master, shown", [("sk-meterline-demo-master", "sk-meterline-demo-master"),
+                                           ("sk-a-real-operator-key", "<your master key>")])
+def test_demo_says_how_to_open_the_console_and_never_prints_a_real_master_key(cli, tmp_path, monkeypatch, master,
+                                                                              shown):
+    monkeypatch.setenv("LITELLM_MASTER_KEY", master)
+    code, out = cli("demo", "--key-file", str(tmp_path / "demo-key"), "--port", "4111")
+    assert code == 0 and f"LITELLM_MASTER_KEY={shown} .venv/bin/meterline tui --url http://127.0.0.1:4111" in out
+    assert "sk-a-real-operator-key" not in out
