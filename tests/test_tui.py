@@ -62,6 +62,15 @@ async def dialog(pilot, kind: type) -> None:
     raise AssertionError(f"no {kind.__name__} on screen; {pilot.app.screen!r} is")
 
 
+async def open_screen(pilot, key: str, kind: type):
+    """Press a screen's key (1-5) and wait for its first data."""
+    await settle(pilot)
+    await pilot.press(key)
+    await settle(pilot)
+    assert isinstance(pilot.app.screen, kind)
+    return pilot.app.screen
+
+
 async def focus_customer(pilot, customer_id: str) -> CustomersScreen:
     """Filter the fleet down to one customer and put the cursor on it."""
     await settle(pilot)
@@ -241,11 +250,7 @@ async def test_alerts_are_acknowledged_and_new_ones_counted_until_followed(meter
     store.add_alert(metered.engine, "soft_limit", f"{customer} used 80%", customer_id=customer)
     app = console(metered.proxy.base_url)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await pilot.press("2")
-        await settle(pilot)
-        screen = app.screen
-        assert isinstance(screen, AlertsScreen)
+        screen = await open_screen(pilot, "2", AlertsScreen)
         await pilot.press("slash")
         screen.filter_input.value = customer
         await pilot.press("enter")
@@ -271,11 +276,7 @@ async def test_a_dead_event_is_requeued_from_the_queue_screen(metered, customer)
                                         alert_message="one event rejected")
     app = console(metered.proxy.base_url)
     async with app.run_test(size=SIZE) as pilot:
-        await settle(pilot)
-        await pilot.press("3")
-        await settle(pilot)
-        screen = app.screen
-        assert isinstance(screen, QueueScreen)
+        screen = await open_screen(pilot, "3", QueueScreen)
         await pilot.press("s")  # dead letters
         await settle(pilot)
         assert screen.table.move_to(event["id"])

@@ -4,13 +4,13 @@ top, otherwise the cursor stays where it is and the status line counts the new o
 
 from __future__ import annotations
 
-from textual import on, work
+from textual import work
 from textual.app import ComposeResult
 from textual.widgets import Footer, Header, Input
 
 from tui import keys
 from tui.client import Alert, ConsoleError
-from tui.screens.live import LiveScreen
+from tui.screens.live import FilteredScreen
 from tui.widgets.record_table import Column, RecordTable
 from tui.widgets.status_line import StatusLine
 
@@ -30,10 +30,10 @@ def matching(alerts: list[Alert], text: str) -> list[Alert]:
             if not wanted or wanted in alert.kind.casefold() or wanted in (alert.customer_id or "").casefold()]
 
 
-class AlertsScreen(LiveScreen):
+class AlertsScreen(FilteredScreen):
     AUTO_FOCUS = "#alerts"
     HELP_KEYS = keys.ALERT_KEYS
-    BINDINGS = keys.bindings(keys.ALERT_KEYS) + [("escape", "clear_filter", "")]
+    BINDINGS = keys.bindings(keys.ALERT_KEYS)
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,14 +49,6 @@ class AlertsScreen(LiveScreen):
         yield RecordTable(COLUMNS, key_of=lambda alert: str(alert.id), fault=lambda alert: not alert.acknowledged,
                           sort="when", descending=True, id="alerts")
         yield Footer()
-
-    @property
-    def table(self) -> RecordTable[Alert]:
-        return self.query_one("#alerts", RecordTable)
-
-    @property
-    def filter_input(self) -> Input:
-        return self.query_one("#filter", Input)
 
     async def fetch(self) -> list[Alert]:
         return await self.app.client.alerts()
@@ -80,23 +72,6 @@ class AlertsScreen(LiveScreen):
         follow = "following" if self.following else (f"+{new} new (F: follow)" if new else "F: follow")
         self.status.summary = f"{len(shown):,} of {len(self.alerts):,} alerts · {open_count:,} open · {follow}"
         self.status.redraw()
-
-    def action_filter(self) -> None:
-        self.filter_input.display = True
-        self.filter_input.focus()
-
-    def action_clear_filter(self) -> None:
-        self.filter_input.value = ""
-        self.filter_input.display = False
-        self.table.focus()
-
-    @on(Input.Changed, "#filter")
-    def filtered(self) -> None:
-        self._show()
-
-    @on(Input.Submitted, "#filter")
-    def to_table(self) -> None:
-        self.table.focus()
 
     def action_follow(self) -> None:
         self.following = not self.following

@@ -17,7 +17,7 @@ from tui import format as fmt
 from tui import keys
 from tui.client import Fleet, FleetRow
 from tui.fleet_view import FleetLine, fleet_lines, matching
-from tui.screens.live import LiveScreen
+from tui.screens.live import FilteredScreen
 from tui.widgets.record_table import Column, RecordTable, ordered
 from tui.widgets.status_line import StatusLine
 
@@ -84,10 +84,10 @@ def _refresh(previous: dict[str, FleetRow], rows: list[FleetRow], view: View) ->
                    sum(line.faulty for line in lines), view)
 
 
-class CustomersScreen(LiveScreen):
+class CustomersScreen(FilteredScreen):
     AUTO_FOCUS = "#fleet"
     HELP_KEYS = keys.CUSTOMER_KEYS
-    BINDINGS = keys.bindings(keys.CUSTOMER_KEYS) + [("escape", "clear_filter", "")]
+    BINDINGS = keys.bindings(keys.CUSTOMER_KEYS)
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,14 +103,6 @@ class CustomersScreen(LiveScreen):
                           sort="hour", descending=True, id="fleet")
         yield Footer()
 
-    @property
-    def table(self) -> RecordTable[FleetLine]:
-        return self.query_one("#fleet", RecordTable)
-
-    @property
-    def filter_input(self) -> Input:
-        return self.query_one("#filter", Input)
-
     async def fetch(self) -> Refresh:
         """The fleet, with its markers, filtered and sorted as the table is now: all off the UI thread."""
         fleet: Fleet = await self.app.client.fleet()
@@ -121,10 +113,10 @@ class CustomersScreen(LiveScreen):
     def paint(self, refresh: Refresh) -> None:
         self.lines = self.app.fleet_lines = refresh.lines
         self.faults = refresh.faults
-        if refresh.view == self._view():
-            self.table.show(refresh.shown, in_order=True, positions=refresh.positions)
-        else:  # the filter or the sort changed while the fleet was on its way
-            self.table.show(matching(self.lines, self.filter_input.value, faults_only=self.faults_only))
+        if refresh.view != self._view():  # the filter or the sort changed while the fleet was on its way
+            self._show()
+            return
+        self.table.show(refresh.shown, in_order=True, positions=refresh.positions)
         self._summarize()
 
     def _view(self) -> View:
@@ -143,23 +135,6 @@ class CustomersScreen(LiveScreen):
         self.status.redraw()
 
     # ------------------------------------------------------------------ keys
-
-    def action_filter(self) -> None:
-        self.filter_input.display = True
-        self.filter_input.focus()
-
-    def action_clear_filter(self) -> None:
-        self.filter_input.value = ""
-        self.filter_input.display = False
-        self.table.focus()
-
-    @on(Input.Changed, "#filter")
-    def filtered(self) -> None:
-        self._show()
-
-    @on(Input.Submitted, "#filter")
-    def to_table(self) -> None:
-        self.table.focus()
 
     def action_faults(self) -> None:
         self.faults_only = not self.faults_only

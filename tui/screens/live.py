@@ -8,13 +8,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from textual import work
+from textual import on, work
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.widgets import Input
 from textual.worker import Worker, WorkerState
 
 from tui import keys
 from tui.client import ConsoleError
+from tui.widgets.record_table import RecordTable
 from tui.widgets.status_line import StatusLine
 
 
@@ -79,3 +81,39 @@ class LiveScreen(Screen):
         if event.worker.group == "poll" and event.state is WorkerState.ERROR:
             self.app.notify(f"The console failed to refresh: {event.worker.error!r}", severity="error")
             self._arm(self.app.refresh_seconds)
+
+
+class FilteredScreen(LiveScreen):
+    """A live screen of one RecordTable with a filter field (`#filter`) over it: `/` opens the field,
+    typing filters (`_show`), `enter` goes to the table, `escape` clears and hides the field."""
+
+    BINDINGS = [("escape", "clear_filter", "")]
+
+    def _show(self) -> None:
+        """Filter the screen's records again and show them."""
+        raise NotImplementedError
+
+    @property
+    def table(self) -> RecordTable:
+        return self.query_one(RecordTable)
+
+    @property
+    def filter_input(self) -> Input:
+        return self.query_one("#filter", Input)
+
+    def action_filter(self) -> None:
+        self.filter_input.display = True
+        self.filter_input.focus()
+
+    def action_clear_filter(self) -> None:
+        self.filter_input.value = ""
+        self.filter_input.display = False
+        self.table.focus()
+
+    @on(Input.Changed, "#filter")
+    def filtered(self) -> None:
+        self._show()
+
+    @on(Input.Submitted, "#filter")
+    def to_table(self) -> None:
+        self.table.focus()
