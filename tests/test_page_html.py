@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plugin.api.page_html import credits, render_page
+from plugin.api.page_html import render_page
+from plugin.rules.policy import credits_grouped
 from tests.support.browser import Dom
 
 M = 1_000_000
@@ -121,4 +122,4 @@ def test_nothing_included_and_nothing_used():
 @pytest.mark.parametrize(("ucr", "text"), [(0, "0"), (1, "0.000001"), (1_500_000, "1.5"), (1000 * M, "1,000"),
                                           (1_234_567_890_123, "1,234,567.890123")])
 def test_credits_are_exact(ucr, text):
-    assert credits(ucr) == text
+    assert credits_grouped(ucr) == text

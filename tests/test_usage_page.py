@@ -19,12 +19,11 @@ import httpx
 import pytest
 
 from plugin.api.page import limits_from_form
-from plugin.api.page_html import credits
 from plugin.ledger import accounts, store
 from plugin.ledger.store import as_utc
 from plugin.rules import page_tokens
 from plugin.rules.plans import calendar_month
-from plugin.rules.policy import usd_text
+from plugin.rules.policy import credits_grouped, usd_text
 from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.rules.usage import pct
 from plugin.runtime import Meterline
@@ -109,7 +108,7 @@ def test_the_page_shows_what_the_ledger_holds(metered, shown):
         before = api.get("/usage").json()
         page = Dom(dump_dom(shown.url))
         after = api.get("/usage").json()
-    assert page.text("used-credits") == credits(shown.used_ucr) and before["used_ucr"] == shown.used_ucr
+    assert page.text("used-credits") == credits_grouped(shown.used_ucr) and before["used_ucr"] == shown.used_ucr
     assert page.text("included-pct") == f"{pct(shown.used_ucr, 5 * M):.1f}%" == f"{before['included_pct']:.1f}%"
     projection = re.fullmatch(r"On track for \$([\d.]+) this month: \$([\d.]+) over included\.",
                               page.text("projected-usd"))
@@ -128,9 +127,9 @@ def test_the_page_shows_what_the_ledger_holds(metered, shown):
     assert len(page.all("line", class_="included-line")) == 1
 
     actions = sorted(shown.actions.items(), key=lambda item: (-item[1], item[0]))
-    assert [row[:2] for row in page.table("top-actions")] == [[name, credits(used)] for name, used in actions]
+    assert [row[:2] for row in page.table("top-actions")] == [[name, credits_grouped(used)] for name, used in actions]
     members = sorted(shown.members.items(), key=lambda item: (-item[1], item[0]))
-    assert [row[:2] for row in page.table("members")] == [[name, credits(used)] for name, used in members]
+    assert [row[:2] for row in page.table("members")] == [[name, credits_grouped(used)] for name, used in members]
     assert HOSTILE_MEMBER in page.text("members") and not page.all("img")  # shown as text, never as markup
     assert page.by_id["limits-form"]["attrs"]["action"].startswith("/meterline/v1/usage/page/limits?token=mlp_")
 
@@ -220,7 +219,7 @@ async def test_the_page_shows_inside_another_sites_iframe(shown, tmp_path):
                                               session=frame["sessionId"])) is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)  # the frame's document may still be loading
             where = await tab.evaluate("location.href", session=frame["sessionId"])
-    assert where == shown.url and used == credits(shown.used_ucr)  # a blocked frame is a chrome-error:// page
+    assert where == shown.url and used == credits_grouped(shown.used_ucr)  # a blocked frame is a chrome-error:// page
 
 
 @proxy

@@ -14,6 +14,7 @@ from fractions import Fraction
 from html import escape
 from typing import Any
 
+from plugin.rules.policy import credits_grouped, credits_text
 from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.rules.usage import top_actions
 
@@ -23,16 +24,6 @@ FORM_FIELDS = ("soft_thresholds_pct", "hard_limit_credits", "block_overage")
 
 _UNNAMED = "-"  # the ledger's name for "no action" / "no member"
 _CHART_WIDTH, _CHART_HEIGHT = 1000, 300
-
-
-def credits(ucr: int) -> str:
-    """µcr as credits for people: exact, thousands separated, no trailing zeros ("1,234.5")."""
-    return format((Decimal(ucr) / UCR_PER_CREDIT).normalize(), ",f")
-
-
-def credits_input(ucr: int) -> str:
-    """µcr as credits to type back into the form: exact, no separators ("1234.5")."""
-    return format((Decimal(ucr) / UCR_PER_CREDIT).normalize(), "f")
 
 
 def _about_credits(ucr: Fraction) -> str:
@@ -61,7 +52,7 @@ def _day(iso: str) -> date:
 def _headline(report: Mapping[str, Any]) -> str:
     used, included, share = report["used_ucr"], report["included_ucr"], report["included_pct"]
     if included > 0:
-        of_included = f"of {escape(credits(included))} included"
+        of_included = f"of {escape(credits_grouped(included))} included"
     else:
         of_included = f"nothing included in the {escape(report['plan'])} plan"
     width = "0" if share is None else _x(Fraction(min(share, 100.0)))
@@ -74,7 +65,7 @@ def _headline(report: Mapping[str, Any]) -> str:
         projected += ", nothing over included."
     return f"""<section class="headline" aria-labelledby="used-label">
 <p id="used-label" class="label">Credits used this period</p>
-<p class="big"><span id="used-credits">{escape(credits(used))}</span> <span class="unit">credits</span></p>
+<p class="big"><span id="used-credits">{escape(credits_grouped(used))}</span> <span class="unit">credits</span></p>
 <p class="of">{of_included}</p>
 <div class="bar{over}" role="progressbar" aria-label="Share of included credits used" aria-valuemin="0"
  aria-valuemax="100" aria-valuenow="{width}"><div class="fill" style="width:{width}%"></div></div>
@@ -108,7 +99,7 @@ def _chart(report: Mapping[str, Any]) -> str:
     for day in report["daily"]:
         height = Fraction(day["used_ucr"] * _CHART_HEIGHT) / top
         x = index[_day(day["date"])] * slot + gap
-        tip = f"{day['date']}: {credits(day['used_ucr'])} credits, {day['requests']} requests"
+        tip = f"{day['date']}: {credits_grouped(day['used_ucr'])} credits, {day['requests']} requests"
         parts.append(f'<rect class="day" data-date="{escape(day["date"])}" data-used-ucr="{int(day["used_ucr"])}" '
                      f'x="{_x(x)}" y="{_x(_CHART_HEIGHT - height)}" width="{_x(slot - 2 * gap)}" '
                      f'height="{_x(height)}"><title>{escape(tip)}</title></rect>')
@@ -120,7 +111,7 @@ def _chart(report: Mapping[str, Any]) -> str:
         legend.append(f'<span class="key-included">Included per day: {escape(_about_credits(included_per_day))} '
                       "credits</span>")
     if busiest > 0:
-        legend.append(f"<span>Busiest day: {escape(credits(busiest))} credits</span>")
+        legend.append(f"<span>Busiest day: {escape(credits_grouped(busiest))} credits</span>")
     bars = "\n".join(parts)
     return f"""<section aria-labelledby="daily-label">
 <h2 id="daily-label">Credits per day</h2>
@@ -137,7 +128,8 @@ def _share_table(table_id: str, title: str, heading: str, rows: list[dict], unna
     if rows:
         body = "\n".join(
             f'<tr data-used-ucr="{int(row["used_ucr"])}"><td class="name">{escape(_name(row["name"], unnamed))}</td>'
-            f'<td class="num">{escape(credits(row["used_ucr"]))}</td><td class="num">{escape(_pct(row["share_pct"]))}'
+            f'<td class="num">{escape(credits_grouped(row["used_ucr"]))}</td>'
+            f'<td class="num">{escape(_pct(row["share_pct"]))}'
             "</td></tr>" for row in rows)
     else:
         body = f'<tr><td class="empty" colspan="3">{escape(empty)}</td></tr>'
@@ -170,7 +162,7 @@ def _form(report: Mapping[str, Any], form_action: str, notice: str | None, error
     if typed is None:
         stored = limits["soft_thresholds_pct"]
         soft = "" if stored is None else ", ".join(str(pct) for pct in stored)
-        hard = "" if limits["hard_limit_ucr"] is None else credits_input(limits["hard_limit_ucr"])
+        hard = "" if limits["hard_limit_ucr"] is None else credits_text(limits["hard_limit_ucr"])
         block = bool(limits["block_overage"])
     else:
         soft, hard = typed.get("soft_thresholds_pct", ""), typed.get("hard_limit_credits", "")
@@ -187,7 +179,7 @@ def _form(report: Mapping[str, Any], form_action: str, notice: str | None, error
         lines.append(f'<p class="hint">Your hard limit is set in dollars: ${escape(limits["hard_limit_usd"])} of '
                      "overage. A limit in credits below replaces it.</p>")
     if limits.get("cap_ucr") is not None:
-        lines.append(f'<p class="hint">Requests stop at <strong>{escape(credits(limits["cap_ucr"]))}</strong> '
+        lines.append(f'<p class="hint">Requests stop at <strong>{escape(credits_grouped(limits["cap_ucr"]))}</strong> '
                      "credits this period.</p>")
     messages = "\n".join(lines)
     return f"""<section aria-labelledby="limits-label">

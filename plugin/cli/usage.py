@@ -8,6 +8,7 @@ from typing import TextIO
 
 from plugin import runtime
 from plugin.cli.common import BadInput, customer_id_arg
+from plugin.rules.policy import credits_grouped
 from plugin.services.usage import UnknownCustomer, usage_report
 
 
@@ -23,32 +24,27 @@ def cmd_usage(args, out: TextIO) -> None:
     print("\n".join(usage_lines(report)), file=out)
 
 
-def credits(ucr: int) -> str:
-    """µcr as credits with thousands separators, exact (no float): 1234567 -> "1.234567"."""
-    whole, fraction = divmod(ucr, 1_000_000)
-    return f"{whole:,}" + (f".{fraction:06d}".rstrip("0") if fraction else "")
-
-
 def usage_lines(report: dict) -> list[str]:
     """What `meterline usage ID` prints: used against included, the projection in dollars, top actions."""
     lines = [f"customer  {report['customer_id']} (plan {report['plan']})",
              f"period    {report['period_start'][:10]} .. {report['period_end'][:10]} (UTC)"]
-    used = f"used      {credits(report['used_ucr'])} credits in {report['requests']} requests"
+    used = f"used      {credits_grouped(report['used_ucr'])} credits in {report['requests']} requests"
     if report["included_pct"] is not None:
-        used += f", {report['included_pct']}% of {credits(report['included_ucr'])} included"
+        used += f", {report['included_pct']}% of {credits_grouped(report['included_ucr'])} included"
     lines.append(used)
     if report["cap_ucr"] is not None:
-        lines.append(f"cap       {credits(report['cap_ucr'])} credits ({credits(report['remaining_ucr'])} left)")
-    lines.append(f"projected {credits(report['projected_ucr'])} credits: on track for ${report['projected_usd']} "
-                 "this period")
+        lines.append(f"cap       {credits_grouped(report['cap_ucr'])} credits "
+                     f"({credits_grouped(report['remaining_ucr'])} left)")
+    lines.append(f"projected {credits_grouped(report['projected_ucr'])} credits: on track for "
+                 f"${report['projected_usd']} this period")
     if report["top_actions"]:
         lines.append("top actions")
-        lines += [f"  {entry['action']:<30} {credits(entry['used_ucr']):>18}  {entry['share_pct']:5.1f}%"
+        lines += [f"  {entry['action']:<30} {credits_grouped(entry['used_ucr']):>18}  {entry['share_pct']:5.1f}%"
                   for entry in report["top_actions"]]
     for title, key in (("by model", "by_model"), ("by member", "by_member")):
         if report[key]:
             lines.append(title)
-            lines += [f"  {name:<30} {credits(ucr):>18}"
+            lines += [f"  {name:<30} {credits_grouped(ucr):>18}"
                       for name, ucr in sorted(report[key].items(), key=lambda item: (-item[1], item[0]))]
     return lines
 

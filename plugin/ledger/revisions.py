@@ -63,8 +63,8 @@ def install(engine: Engine) -> None:
             for table in tables:
                 if f"meterline_{table}_changed" not in present:
                     connection.exec_driver_sql(
-                        f"CREATE TRIGGER meterline_{table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
-                        f"FOR EACH STATEMENT EXECUTE FUNCTION meterline_bump_{name}()")
+                        f"CREATE TRIGGER meterline_{table}_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE "
+                        f"ON {table} FOR EACH STATEMENT EXECUTE FUNCTION meterline_bump_{name}()")
 
 
 def current(engine: Engine, name: str) -> int | None:

@@ -198,8 +198,13 @@ def settle(actual_ucr: int, *, reserved_for_this_ucr: int, used_ucr: int, reserv
 
 
 def credits_text(ucr: int) -> str:
-    """µcr as credits for people: exact, no trailing zeros ("100", "2.5")."""
+    """µcr as credits for people: exact, no trailing zeros ("100", "2.5"); what a form takes back."""
     return format((Decimal(ucr) / UCR).normalize(), "f")
+
+
+def credits_grouped(ucr: int) -> str:
+    """`credits_text` with thousands separators ("1,234.5"), for reading."""
+    return format((Decimal(ucr) / UCR).normalize(), ",f")
 
 
 def usd_text(amount: Fraction) -> str:

@@ -14,6 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label
 
+from plugin.rules.policy import credits_text
 from tui.client import Limits
 from tui.format import UCR_PER_CREDIT
 
@@ -30,7 +31,7 @@ class LimitsForm(ModalScreen[dict[str, Any] | None]):
     def compose(self) -> ComposeResult:
         limits = self.limits
         thresholds = ", ".join(str(pct) for pct in limits.soft_thresholds_pct or [])
-        credits = "" if limits.hard_limit_ucr is None else str(Decimal(limits.hard_limit_ucr) / UCR_PER_CREDIT)
+        credits = "" if limits.hard_limit_ucr is None else credits_text(limits.hard_limit_ucr)
         with Vertical(classes="dialog"):
             yield Label(f"Limits of {limits.customer_id}", classes="question")
             yield Label("Soft thresholds, % of included (empty: the default "
