@@ -46,8 +46,9 @@ def event(identifier: str, customer: str | None, value: int = 1500, at: datetime
 async def test_delivered_then_duplicate_on_a_new_idempotency_key(emulator, customer):
     stripe_sink = sink(emulator)
     try:
-        [first] = await stripe_sink.send([event("mtr_s1", customer)])
-        [replayed] = await stripe_sink.send([event("mtr_s1", customer)])  # same key, same params: replay
+        sent = event("mtr_s1", customer)  # one event: two made a second apart would differ in `timestamp`
+        [first] = await stripe_sink.send([sent])
+        [replayed] = await stripe_sink.send([sent])  # same key, same params: replay
         [duplicate] = await stripe_sink.send([MeterEvent("mtr_s1", "acme", 1500, datetime.now(UTC), customer,
                                                          requeues=1)])  # new key, known identifier
     finally:
