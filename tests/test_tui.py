@@ -11,6 +11,7 @@ from textual.widgets import Input
 
 from plugin.ledger import store
 from plugin.outbox import store as outbox_store
+from tests.support import console_api
 from tests.support.proxy import MASTER_KEY
 from tests.support.tcp_relay import TcpRelay
 from tests.test_proxy_metering import ask, unique
@@ -309,3 +310,38 @@ async def test_help_and_the_palette_list_the_keys_readonly_hides_the_changes(met
         assert ("Trip breaker" in commands) is not readonly
         await commands["Faults only"].callback()  # a palette entry runs the same action as its key
         assert app.screen.faults_only is True
+
+
+def _fields(value, path: str = "") -> set[str]:
+    """Every field name in a JSON answer, nested as `a.b` and `a[].b` (a list's first item stands for all)."""
+    if isinstance(value, list):
+        return _fields(value[0], path + "[]") if value else set()
+    if not isinstance(value, dict):
+        return set()
+    found = set()
+    for name, inner in value.items():
+        found.add(f"{path}.{name}")
+        if not name.startswith("by_"):  # by_model, by_action, by_member: data as keys, not fields
+            found |= _fields(inner, f"{path}.{name}")
+    return found
+
+
+def test_the_snapshots_fixed_answers_have_the_real_apis_fields(metered, customer):
+    """The snapshot pictures are drawn from tests/support/console_api.py: it must answer what a proxy does."""
+    api = metered.api()
+    api.post(f"/customers/{customer}/breaker", json={"action": "trip", "reason": "shape check", "by": "test"})
+    api.post(f"/customers/{customer}/breaker", json={"action": "reset", "reason": "shape check", "by": "test"})
+    store.add_alert(metered.engine, "soft_limit", f"{customer} used 80%", customer_id=customer)
+    real = {
+        "fleet": api.get("/customers", params={"q": customer}).json(),
+        "detail": api.get(f"/customers/{customer}").json(),
+        "usage": api.get(f"/customers/{customer}/usage").json(),
+        "limits": api.get("/limits", headers={"X-Meterline-Customer": customer}).json(),
+        "alerts": api.get("/alerts", params={"customer_id": customer}).json(),
+        "outbox": api.get("/outbox", params={"customer": customer}).json(),
+    }
+    fixed = {"fleet": console_api.fleet(), "detail": console_api.detail("acme-corp"),
+             "usage": console_api.usage("acme-corp"), "limits": console_api.limits("acme-corp"),
+             "alerts": console_api.alerts(), "outbox": console_api.outbox()}
+    for answer in real:
+        assert _fields(real[answer]) and _fields(fixed[answer]) == _fields(real[answer]), answer

@@ -5,7 +5,8 @@ tui/screens/, one per file; the keys in tui/keys.py; the styles in app.tcss."""
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from functools import partial
 
 from textual import work
@@ -36,18 +37,19 @@ class MeterlineApp(App):
     DEFAULT_MODE = "customers"
 
     def __init__(self, client: ConsoleClient, *, refresh_seconds: float = DEFAULT_REFRESH, readonly: bool = False,
-                 operator: str | None = None) -> None:
+                 operator: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.client = client
-        self.connection = Connection(client.url)
+        self.clock = clock
+        """Monotonic seconds for the data's age and the retry countdown (frozen in snapshot tests)."""
+        self.connection = Connection()
         self.refresh_seconds = refresh_seconds
         self.readonly = readonly
         self.paused = False
         self.fleet_lines: list = []
         """The customers screen's last lines (the overage block says how many it affects)."""
         self.operator = operator or _operator()
-        if readonly:
-            self.sub_title = "read-only"
+        self.sub_title = client.url + (" · read-only" if readonly else "")
 
     async def on_unmount(self) -> None:
         await self.client.aclose()

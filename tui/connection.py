@@ -13,7 +13,6 @@ MAX_BACKOFF = 10.0
 
 @dataclass
 class Connection:
-    url: str
     last_ok: float | None = None
     """Monotonic time of the last answer."""
     error: ConsoleError | None = None
@@ -35,11 +34,11 @@ class Connection:
         return self.error is not None
 
     def describe(self, now: float, *, paused: bool, refresh: float) -> str:
-        """One line: the link's state, the data's age and what happens next."""
+        """One line: the link's state, the data's age and what happens next (the header names the proxy)."""
         age = "no data yet" if self.last_ok is None else f"updated {fmt.age(now - self.last_ok)} ago"
         if self.error is not None:
             retry = "" if self.retry_at is None else f" · retry in {max(0, int(self.retry_at - now + 0.999))} s"
             kept = "" if self.last_ok is None else " · showing the last data"
             return f"⚠ {self.error}{kept} · {age}{retry}"
         state = "paused (p resumes)" if paused else f"every {refresh:g} s"
-        return f"{self.url} · {age} · {state}"
+        return f"{age} · {state}"

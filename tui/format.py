@@ -44,6 +44,14 @@ def age(seconds: float) -> str:
     return f"{seconds // 3600} h"
 
 
+BREAKER = {"closed": "closed", "open": "OPEN", "half_open": "half-open"}
+
+
+def breaker(state: str) -> str:
+    """A breaker's state as the tables show it: an open one stands out."""
+    return BREAKER.get(state, state)
+
+
 def sparkline(values: Sequence[int]) -> str:
     """One character per value, scaled to the largest; a space for nothing at all."""
     top = max(values, default=0)

@@ -4,9 +4,9 @@ top, otherwise the cursor stays where it is and the status line counts the new o
 
 from __future__ import annotations
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
-from textual.widgets import Footer, Header, Input
+from textual.widgets import Footer, Header, Input, Static
 
 from tui import keys
 from tui.client import Alert, ConsoleError
@@ -15,13 +15,22 @@ from tui.widgets.record_table import Column, RecordTable
 from tui.widgets.status_line import StatusLine
 
 COLUMNS: tuple[Column[Alert], ...] = (
-    Column("when", "When (UTC)", 14, lambda alert: f"{alert.created_at:%m-%d %H:%M:%S}", lambda alert: alert.id, False),
-    Column("kind", "Kind", 22, lambda alert: alert.kind, lambda alert: alert.kind, False),
-    Column("customer", "Customer", 16, lambda alert: alert.customer_id or "—", lambda alert: alert.customer_id or "",
+    Column("when", "When UTC", 11, lambda alert: f"{alert.created_at:%m-%d %H:%M}", lambda alert: alert.id, False),
+    Column("customer", "Customer", 14, lambda alert: alert.customer_id or "—", lambda alert: alert.customer_id or "",
            False),
+    Column("kind", "Kind", 20, lambda alert: alert.kind, lambda alert: alert.kind, False),
     Column("ack", "Ack", 3, lambda alert: "✓" if alert.acknowledged else "", lambda alert: alert.acknowledged, False),
     Column("message", "Message", 100, lambda alert: alert.message, lambda alert: alert.message, False),
 )
+
+
+def note(alert: Alert | None) -> str:
+    """The alert under the cursor in full, under the table (the message column is cut at 80 columns)."""
+    if alert is None:
+        return ""
+    seen = "acknowledged" if alert.acknowledged else "open"
+    return (f"#{alert.id} {alert.kind} · {alert.customer_id or 'no customer'} · "
+            f"{alert.created_at:%Y-%m-%d %H:%M:%S} UTC · {seen}\n{alert.message}")
 
 
 def matching(alerts: list[Alert], text: str) -> list[Alert]:
@@ -48,6 +57,7 @@ class AlertsScreen(FilteredScreen):
         yield Input(placeholder="filter: kind or customer (enter: to the table, escape: clear)", id="filter")
         yield RecordTable(COLUMNS, key_of=lambda alert: str(alert.id), fault=lambda alert: not alert.acknowledged,
                           sort="when", descending=True, id="alerts")
+        yield Static(classes="record-note")
         yield Footer()
 
     async def fetch(self) -> list[Alert]:
@@ -63,6 +73,11 @@ class AlertsScreen(FilteredScreen):
         if self.following:
             self.table.cursor = 0
             self.table.action_move(0)
+        self.noted()
+
+    @on(RecordTable.Highlighted, "#alerts")
+    def noted(self) -> None:
+        self.query_one(".record-note", Static).update(note(self.table.cursor_record))
 
     def _show(self) -> None:
         shown = matching(self.alerts, self.filter_input.value)

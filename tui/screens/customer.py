@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import dataclass
 from fractions import Fraction
 
+from rich import box
 from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -67,7 +68,8 @@ class CustomerScreen(LiveScreen):
             f"cap {fmt.credits(row['cap_ucr'])} · open alerts {row['alerts_open']}")
         period_seconds = (usage.period_end - usage.period_start).total_seconds()
         per_day = Fraction(usage.included_ucr * 86_400, max(1, int(period_seconds)))
-        self.query_one("#chart", DailyChart).show([day.used_ucr for day in usage.daily], per_day)
+        days = -(-int(period_seconds) // 86_400)
+        self.query_one("#chart", DailyChart).show([day.used_ucr for day in usage.daily], per_day, days)
         self.query_one("#tables", Static).update(_tables(detail))
 
     def action_back(self) -> None:
@@ -89,20 +91,26 @@ def _hard(limits: Limits) -> str:
     return fmt.NOTHING if limits.hard_limit_ucr is None else f"{fmt.credits(limits.hard_limit_ucr)} credits"
 
 
+def _table(title: str, *headers: str) -> Table:
+    """A compact table: a rule under the headers, no boxes (room for rows at 80×24)."""
+    return Table(*headers, title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                 pad_edge=False, show_edge=False)
+
+
 def _tables(detail: Detail) -> Table:
     """Top actions and members side by side, then the breaker's history and the last ledger rows."""
     grid = Table.grid(padding=(0, 2))
-    actions = Table("action", "credits", "share", title="Top actions", title_justify="left")
+    actions = _table("Top actions", "action", "credits", "share")
     for action in detail.usage.top_actions:
         actions.add_row(action.action, fmt.credits(action.used_ucr), fmt.percent(action.share_pct))
-    members = Table("member", "credits", "calls", title="Members", title_justify="left")
+    members = _table("Members", "member", "credits", "calls")
     for member in detail.customer["members"][:10]:
         members.add_row(member.member, fmt.credits(member.used_ucr), f"{member.requests:,}")
     grid.add_row(actions, members)
-    history = Table("when", "move", "by", "why", title="Breaker history", title_justify="left")
+    history = _table("Breaker history", "when", "move", "by", "why")
     for move in detail.customer["breaker_history"][:10]:
         history.add_row(f"{move.at:%Y-%m-%d %H:%M}", f"{move.before} → {move.after}", move.by, move.why)
-    recent = Table("when", "model", "action", "credits", title="Last ledger rows", title_justify="left")
+    recent = _table("Last ledger rows", "when", "model", "action", "credits")
     for entry in detail.customer["recent"][:15]:
         recent.add_row(str(entry.get("created_at", ""))[:19].replace("T", " "), str(entry.get("model", "")),
                        str(entry.get("action", "")), fmt.credits(int(entry.get("credits_ucr") or 0)))

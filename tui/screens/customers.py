@@ -36,15 +36,16 @@ def _moved(name: str) -> Callable[[FleetLine], int]:
 
 
 COLUMNS: tuple[Column[FleetLine], ...] = (
-    Column("customer", "Customer", 14, _field("customer_id"), _field("customer_id"), False),
+    # Widths: the columns up to "Al" fit an 80-column terminal; the sparkline and the plan scroll in.
+    Column("customer", "Customer", 13, _field("customer_id"), _field("customer_id"), False),
     Column("hour", "Hour", 8, _credits("hour_ucr"), _field("hour_ucr"), mark=_moved("hour_ucr")),
     Column("today", "Today", 8, _credits("today_ucr"), _field("today_ucr"), mark=_moved("today_ucr")),
-    Column("period", "Period", 9, _credits("used_ucr"), _field("used_ucr"), mark=_moved("used_ucr")),
-    Column("included", "Incl", 6, lambda line: fmt.percent(line.row["included_pct"]), _field("included_pct")),
+    Column("period", "Period", 8, _credits("used_ucr"), _field("used_ucr"), mark=_moved("used_ucr")),
+    Column("included", "Incl", 5, lambda line: fmt.percent(line.row["included_pct"]), _field("included_pct")),
     Column("projected", "Projected", 9, _credits("projected_ucr"), _field("projected_ucr"),
            mark=_moved("projected_ucr")),
     Column("burn", "Burn", 5, lambda line: fmt.ratio(line.row["burn_ratio"]), _field("burn_ratio")),
-    Column("breaker", "Breaker", 9, _field("breaker"), _field("breaker"), False),
+    Column("breaker", "Breaker", 9, lambda line: fmt.breaker(line.row["breaker"]), _field("breaker"), False),
     Column("flags", "Flg", 3, lambda line: line.flags, lambda line: line.flags, False),
     Column("alerts", "Al", 2, lambda line: str(line.row["alerts_open"] or ""), _field("alerts_open")),
     Column("last24h", "Last 24 h", 24, lambda line: fmt.sparkline(line.row["hourly_ucr"]),

@@ -34,10 +34,11 @@ class LimitsForm(ModalScreen[dict[str, Any] | None]):
         credits = "" if limits.hard_limit_ucr is None else credits_text(limits.hard_limit_ucr)
         with Vertical(classes="dialog"):
             yield Label(f"Limits of {limits.customer_id}", classes="question")
-            yield Label("Soft thresholds, % of included (empty: the default "
-                        f"{', '.join(map(str, limits.effective_soft_thresholds_pct))})")
+            default = "" if limits.soft_thresholds_pct else \
+                f" {', '.join(map(str, limits.effective_soft_thresholds_pct))}"  # its own hide the default
+            yield Label(f"Soft thresholds, % of included (empty: the default{default})")
             yield Input(thresholds, placeholder="e.g. 50, 80, 100", id="soft")
-            yield Label("Hard limit in credits, or in dollars (one of them; both empty: none)")
+            yield Label("Hard limit: in credits or in dollars (both empty: none)")
             with Horizontal(classes="pair"):
                 yield Input(credits, placeholder="credits", id="credits")
                 yield Input(limits.hard_limit_usd or "", placeholder="dollars", id="usd")

@@ -5,7 +5,6 @@ and the next try backs off (plugin of the app's `Connection`)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from textual import on, work
@@ -62,13 +61,13 @@ class LiveScreen(Screen):
             data = await self.fetch()
         except ConsoleError as error:
             first = not app.connection.stale or app.connection.error.status != error.status
-            wait = app.connection.failed(error, time.monotonic())
+            wait = app.connection.failed(error, app.clock())
             if first:
                 app.notify(str(error), title="meterline", severity="error", timeout=6)
             self.status.redraw()
             self._arm(wait)
             return
-        app.connection.succeeded(time.monotonic())
+        app.connection.succeeded(app.clock())
         self.paint(data)
         self.status.redraw()
         self._arm(app.refresh_seconds)

@@ -5,9 +5,9 @@ confirmation, an `unknown` one only after a warning that Stripe may already have
 
 from __future__ import annotations
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
-from textual.widgets import Footer, Header
+from textual.widgets import Footer, Header, Static
 
 from tui import format as fmt
 from tui import keys
@@ -20,19 +20,30 @@ from tui.widgets.status_line import StatusLine
 STATUSES = (None, "dead", "unknown", "held", "pending", "sending")
 """What `s` cycles through; None: every undelivered event."""
 REQUEUABLE = ("dead", "held", "unknown")
+_URGENCY = {status: rank for rank, status in enumerate(("dead", "unknown", "held", "pending", "sending"))}
+"""The status line counts what needs an operator first."""
 
 COLUMNS: tuple[Column[QueuedEvent], ...] = (
-    Column("id", "Event", 24, lambda event: event.id, lambda event: event.id, False),
+    Column("id", "Event", 17, lambda event: event.id, lambda event: event.id, False),
     Column("customer", "Customer", 14, lambda event: event.customer_id, lambda event: event.customer_id, False),
-    Column("credits", "Credits", 9, lambda event: fmt.credits(event.value_ucr), lambda event: event.value_ucr),
-    Column("status", "Status", 8, lambda event: event.status, lambda event: event.status, False),
+    Column("credits", "Credits", 8, lambda event: fmt.credits(event.value_ucr), lambda event: event.value_ucr),
+    Column("status", "Status", 7, lambda event: event.status, lambda event: event.status, False),
     Column("attempts", "Tries", 5, lambda event: str(event.attempts), lambda event: event.attempts),
-    Column("occurred", "Occurred (UTC)", 14,
-           lambda event: "" if event.occurred_at is None else f"{event.occurred_at:%m-%d %H:%M:%S}",
+    Column("occurred", "Occurred", 11,
+           lambda event: "" if event.occurred_at is None else f"{event.occurred_at:%m-%d %H:%M}",
            lambda event: event.occurred_at, False),
     Column("error", "Last error", 80, lambda event: event.last_error or "", lambda event: event.last_error or "",
            False),
 )
+
+
+def note(event: QueuedEvent | None) -> str:
+    """The event under the cursor in full, under the table: its id, and its last error (a dead letter's reason)."""
+    if event is None:
+        return ""
+    retry = "" if event.next_attempt_at is None else f" · next try {event.next_attempt_at:%H:%M:%S} UTC"
+    return (f"{event.id} · {event.customer_id} · {event.status}, {event.attempts} tries{retry}\n"
+            f"{event.last_error or 'no error'}")
 
 
 class QueueScreen(LiveScreen):
@@ -50,6 +61,7 @@ class QueueScreen(LiveScreen):
         yield StatusLine()
         yield RecordTable(COLUMNS, key_of=lambda event: event.id, sort="occurred", id="queue",
                           fault=lambda event: event.status in ("dead", "unknown"))
+        yield Static(classes="record-note")
         yield Footer()
 
     @property
@@ -62,11 +74,16 @@ class QueueScreen(LiveScreen):
     def paint(self, queue: Queue) -> None:
         self.queue = queue
         self.table.show(queue.events)
-        depth = " · ".join(f"{status} {count:,}" for status, count in queue.depth.items() if count)
-        oldest = "" if queue.oldest_age_seconds is None else f" · oldest waiting {fmt.age(queue.oldest_age_seconds)}"
-        shown = self.status_shown or "undelivered"
-        self.status.summary = f"showing {shown} (s) · {depth or 'queue empty'}{oldest}"
+        self.noted()
+        depth = " · ".join(f"{status} {count:,}" for status, count in
+                           sorted(queue.depth.items(), key=lambda item: _URGENCY.get(item[0], len(_URGENCY))) if count)
+        oldest = "" if queue.oldest_age_seconds is None else f" · oldest {fmt.age(queue.oldest_age_seconds)}"
+        self.status.summary = f"{self.status_shown or 'undelivered'} · {depth or 'queue empty'}{oldest}"
         self.status.redraw()
+
+    @on(RecordTable.Highlighted, "#queue")
+    def noted(self) -> None:
+        self.query_one(".record-note", Static).update(note(self.table.cursor_record))
 
     def action_show_status(self) -> None:
         self.status_shown = STATUSES[(STATUSES.index(self.status_shown) + 1) % len(STATUSES)]

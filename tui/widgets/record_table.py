@@ -43,7 +43,7 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
     """Records as lines under a fixed header line; `enter` selects, a click on the header sorts."""
 
     DEFAULT_CSS = """
-    RecordTable { height: 1fr; }
+    RecordTable { height: 1fr; scrollbar-size-vertical: 1; }
     RecordTable > .record-table--header { text-style: bold; background: $panel; }
     RecordTable > .record-table--cursor { background: $accent 40%; }
     RecordTable:focus > .record-table--cursor { background: $accent; color: $text; }
@@ -62,6 +62,18 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         Binding("end", "move(1_000_000_000)", "Last", show=False),
         Binding("enter", "select", "Open", show=False),
     ]
+
+    class Highlighted(Message):
+        """The cursor is on another record (or on none: `record` is None)."""
+
+        def __init__(self, table: RecordTable, record: Any) -> None:
+            super().__init__()
+            self.table = table
+            self.record = record
+
+        @property
+        def control(self) -> RecordTable:
+            return self.table
 
     class Selected(Message):
         """`enter` (or a double click) on a record."""
@@ -84,10 +96,11 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         self._fault = fault
         self._records: list[R] = []
         self._shown: list[R] = []
-        self.cursor = 0
+        self._cursor = 0
+        self._highlighted: str | None = None
         self.sort_column = sort
         self.descending = descending
-        self._width = sum(column.width + 1 for column in self.columns)
+        self._width = sum(column.width + 1 for column in self.columns) - 1
 
     # ------------------------------------------------------------------ data
 
@@ -98,7 +111,24 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
 
     @property
     def cursor_record(self) -> R | None:
-        return self._shown[self.cursor] if 0 <= self.cursor < len(self._shown) else None
+        return self._shown[self._cursor] if 0 <= self._cursor < len(self._shown) else None
+
+    @property
+    def cursor(self) -> int:
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, index: int) -> None:
+        self._cursor = index
+        self._tell_highlighted()
+
+    def _tell_highlighted(self) -> None:
+        """Post `Highlighted` when the record under the cursor is another one than last said."""
+        record = self.cursor_record
+        key = None if record is None else self._key_of(record)
+        if key != self._highlighted:
+            self._highlighted = key
+            self.post_message(self.Highlighted(self, record))
 
     def show(self, records: list[R], *, in_order: bool = False, positions: Mapping[str, int] | None = None) -> None:
         """Show these records (already filtered; the table keeps the list), sorted as the table is, or as
@@ -116,7 +146,7 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
                 self.move_to(key)
             elif key in positions:
                 self.cursor = positions[key]
-        self.cursor = min(self.cursor, max(0, len(self._shown) - 1))
+        self.cursor = min(self.cursor, max(0, len(self._shown) - 1))  # also tells a new record under it
         size = Size(self._width, len(self._shown) + 1)
         if size != self.virtual_size:  # a new size lays the screen out again: only when it changed
             self.virtual_size = size
@@ -131,6 +161,7 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         self._order()
         if keep is not None:
             self.move_to(self._key_of(keep))
+        self._tell_highlighted()
         self.refresh()
 
     def move_to(self, key: str) -> bool:
@@ -212,24 +243,27 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         labels = []
         for column in self.columns:
             label = column.label
-            if column.key == self.sort_column:
-                label += " ▼" if self.descending else " ▲"
+            if column.key == self.sort_column:  # the arrow always shows; the label gives way
+                label = _fit(label, column.width - 2, False).rstrip() + (" ▼" if self.descending else " ▲")
             labels.append(_fit(label, column.width, column.align_right))
-        return " ".join(labels) + " "
+        return " ".join(labels)
 
     def _line(self, record: R, style: Style) -> list[Segment]:
         """Plain segments, one per cell (and per marker): no rich Text per cell, which cost most of a redraw."""
         segments = []
-        up = style + self.get_component_rich_style("record-table--up")
-        down = style + self.get_component_rich_style("record-table--down")
+        # the markers' colour only: the line's own background (cursor, fault) stays under them
+        up = style + Style(color=self.get_component_rich_style("record-table--up").color)
+        down = style + Style(color=self.get_component_rich_style("record-table--down").color)
+        gap = Segment(" ", style)
         for column in self.columns:
+            if segments:
+                segments.append(gap)
             if column.mark is None:
-                segments.append(Segment(_fit(column.cell(record), column.width, column.align_right) + " ", style))
+                segments.append(Segment(_fit(column.cell(record), column.width, column.align_right), style))
                 continue
             segments.append(Segment(_fit(column.cell(record), column.width - 1, column.align_right), style))
             moved = column.mark(record)
             segments.append(Segment(("↑" if moved > 0 else "↓") if moved else " ", up if moved > 0 else down))
-            segments.append(Segment(" ", style))
         return segments
 
 

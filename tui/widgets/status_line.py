@@ -3,8 +3,6 @@ Redrawn every second (the age moves) from the app's `Connection`."""
 
 from __future__ import annotations
 
-import time
-
 from textual.widgets import Static
 
 
@@ -26,6 +24,6 @@ class StatusLine(Static):
     def redraw(self) -> None:
         app = self.app
         connection = app.connection
-        line = connection.describe(time.monotonic(), paused=app.paused, refresh=app.refresh_seconds)
+        line = connection.describe(app.clock(), paused=app.paused, refresh=app.refresh_seconds)
         self.set_class(connection.stale, "-stale")
         self.update(f"{line}   {self.summary}" if self.summary else line)
