@@ -7,7 +7,7 @@ router (the same route code as the proxy). The console runs headless (Textual's 
 the real client, at --size.
 
 Measured, per refresh (--refreshes of them, after a warm-up):
-  - fetch + parse: `ConsoleClient.fleet()` (HTTP, uncompressed on loopback, orjson) plus the ↑/↓
+  - fetch + parse: `ConsoleClient.fleet()` (HTTP, uncompressed on loopback, msgspec) plus the ↑/↓
     markers, which the poll worker does off the UI thread (but in the same process);
   - the poll worker inside the console: the same plus filtering and sorting for the table;
   - UI thread: the CPU time of `CustomersScreen.paint` (hand the ordered lines to the table, keep the
@@ -39,7 +39,7 @@ import usage_query  # noqa: E402
 
 from tui.app import make_app  # noqa: E402
 from tui.client import ConsoleClient  # noqa: E402
-from tui.fleet_view import fleet_lines  # noqa: E402
+from tui.fleet_view import FleetLine, mark_moves  # noqa: E402
 from tui.screens.customers import CustomersScreen  # noqa: E402
 
 
@@ -52,16 +52,17 @@ def ms(values: list[float]) -> str:
 async def measure(base: str, args) -> dict:
     client = ConsoleClient(base, usage_query.MASTER_KEY, timeout=60)
     fetches = []
-    previous = {}
+    previous: list[FleetLine] = []
     for _ in range(args.refreshes):
         started = time.perf_counter()
-        fleet = await client.fleet()
-        lines = fleet_lines(previous, fleet["customers"])
+        lines = (await client.fleet(FleetLine)).customers
+        mark_moves(previous, lines)
         fetches.append(time.perf_counter() - started)
-        previous = {line.customer_id: line.row for line in lines}
+        previous = lines
     await client.aclose()
 
-    app = make_app(ConsoleClient(base, usage_query.MASTER_KEY, timeout=60), refresh_seconds=3600)
+    app = make_app(ConsoleClient(base, usage_query.MASTER_KEY, timeout=60), refresh_seconds=3600,
+                   freeze_heap=True)  # as `meterline tui` runs it
     painting: list[float] = []
     worker: list[float] = []
     async with app.run_test(size=args.size) as pilot:
@@ -113,7 +114,7 @@ def main() -> int:
             usage_query.running_app(Path(workdir), f"sqlite:///{database}") as base:
         found = asyncio.run(measure(base, args))
     print(f"{found['customers']:,} customers, terminal {args.size[0]}x{args.size[1]}")
-    print(f"  fetch + parse (HTTP, orjson, markers):          {ms(found['fetch'])}")
+    print(f"  fetch + parse (HTTP, msgspec, markers):         {ms(found['fetch'])}")
     print(f"  poll worker, in the console (+ filter, sort):   {ms(found['worker'])}")
     print(f"  UI thread per refresh, CPU (paint + draw):      {ms(found['paint'])}")
     print(f"  memory: one refresh's data {found['traced_mb']:.0f} MB (peak while making it "

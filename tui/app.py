@@ -4,7 +4,9 @@ tui/screens/, one per file; the keys in tui/keys.py; the styles in app.tcss."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+import signal
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -16,6 +18,7 @@ from textual.screen import Screen
 from tui import keys
 from tui.client import ConsoleClient, ConsoleError
 from tui.connection import Connection
+from tui.heap import freeze_startup_objects
 from tui.screens.alerts import AlertsScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.customers import CustomersScreen
@@ -25,6 +28,7 @@ from tui.screens.queue import QueueScreen
 from tui.screens.trip import TripDialog
 
 DEFAULT_REFRESH = 5.0
+HANG_UPS = (signal.SIGHUP, signal.SIGTERM)
 
 
 class MeterlineApp(App):
@@ -37,11 +41,15 @@ class MeterlineApp(App):
     DEFAULT_MODE = "customers"
 
     def __init__(self, client: ConsoleClient, *, refresh_seconds: float = DEFAULT_REFRESH, readonly: bool = False,
-                 operator: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 operator: str | None = None, clock: Callable[[], float] = time.monotonic,
+                 freeze_heap: bool = False) -> None:
         super().__init__()
         self.client = client
         self.clock = clock
         """Monotonic seconds for the data's age and the retry countdown (frozen in snapshot tests)."""
+        self.freeze_heap = freeze_heap
+        """Freeze what start-up built out of the garbage collector's passes once on screen (tui/heap.py);
+        `meterline tui` does, tests (many apps in one process) do not."""
         self.connection = Connection()
         self.refresh_seconds = refresh_seconds
         self.readonly = readonly
@@ -51,7 +59,20 @@ class MeterlineApp(App):
         self.operator = operator or _operator()
         self.sub_title = client.url + (" · read-only" if readonly else "")
 
+    def on_mount(self) -> None:
+        """The terminal closing (SIGHUP) or a polite kill (SIGTERM) ends the console as `q` does."""
+        loop = asyncio.get_running_loop()
+        for signal_number in HANG_UPS:
+            loop.add_signal_handler(signal_number, self.exit)
+
+    def on_ready(self) -> None:
+        if self.freeze_heap:
+            freeze_startup_objects()
+
     async def on_unmount(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signal_number in HANG_UPS:
+            loop.remove_signal_handler(signal_number)
         await self.client.aclose()
 
     # ------------------------------------------------------------------ keys every screen has
@@ -137,7 +158,7 @@ class MeterlineApp(App):
         if enabled:
             question = "Lift the global overage block? Every customer may be billed past its included credits again."
         else:
-            over = sum(1 for line in self.fleet_lines if line.over_quota and not line.row["block_overage"])
+            over = sum(1 for line in self.fleet_lines if line.over_quota and not line.block_overage)
             question = (f"Block overage for every customer? {over:,} customer(s) past their included credits "
                         "would be refused at once; the others when they reach theirs.")
         if await self.push_screen_wait(ConfirmDialog(question, confirm="Lift block" if enabled else "Block overage")):

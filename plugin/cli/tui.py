@@ -43,7 +43,11 @@ def cmd_tui(args, out: TextIO) -> None:
     from tui.client import ConsoleClient
 
     key = master_key()
-    make_app(ConsoleClient(args.url, key), refresh_seconds=args.refresh, readonly=args.readonly).run()
+    app = make_app(ConsoleClient(args.url, key), refresh_seconds=args.refresh, readonly=args.readonly,
+                   freeze_heap=True)
+    app.run()
+    if app.return_code:  # Textual has shown what failed; say so to the shell too
+        raise SystemExit(app.return_code)
 
 
 def register(commands) -> None:

@@ -58,14 +58,14 @@ class CustomerScreen(LiveScreen):
     def paint(self, detail: Detail) -> None:
         row, usage, limits = detail.customer, detail.usage, detail.limits
         self.query_one("#figures", Static).update(
-            f"[b]{row['customer_id']}[/b] · plan {row['plan']} · breaker [b]{row['breaker']}[/b]\n"
-            f"this period {fmt.credits(row['used_ucr'])} of {fmt.credits(row['included_ucr'])} included "
-            f"({fmt.percent(row['included_pct'])}) · projected {fmt.credits(row['projected_ucr'])} · "
-            f"today {fmt.credits(row['today_ucr'])} · this hour {fmt.credits(row['hour_ucr'])} "
-            f"(typical {fmt.credits(row['typical_hour_ucr'])}, burn {fmt.ratio(row['burn_ratio'])})\n"
+            f"[b]{row.customer_id}[/b] · plan {row.plan} · breaker [b]{row.breaker}[/b]\n"
+            f"this period {fmt.credits(row.used_ucr)} of {fmt.credits(row.included_ucr)} included "
+            f"({fmt.percent(row.included_pct)}) · projected {fmt.credits(row.projected_ucr)} · "
+            f"today {fmt.credits(row.today_ucr)} · this hour {fmt.credits(row.hour_ucr)} "
+            f"(typical {fmt.credits(row.typical_hour_ucr)}, burn {fmt.ratio(row.burn_ratio)})\n"
             f"limits: soft {', '.join(f'{pct}%' for pct in limits.effective_soft_thresholds_pct) or fmt.NOTHING} · "
-            f"hard {_hard(limits)} · overage {'blocked' if row['block_overage'] else 'allowed'} · "
-            f"cap {fmt.credits(row['cap_ucr'])} · open alerts {row['alerts_open']}")
+            f"hard {_hard(limits)} · overage {'blocked' if row.block_overage else 'allowed'} · "
+            f"cap {fmt.credits(row.cap_ucr)} · open alerts {row.alerts_open}")
         period_seconds = (usage.period_end - usage.period_start).total_seconds()
         per_day = Fraction(usage.included_ucr * 86_400, max(1, int(period_seconds)))
         days = -(-int(period_seconds) // 86_400)
@@ -104,14 +104,14 @@ def _tables(detail: Detail) -> Table:
     for action in detail.usage.top_actions:
         actions.add_row(action.action, fmt.credits(action.used_ucr), fmt.percent(action.share_pct))
     members = _table("Members", "member", "credits", "calls")
-    for member in detail.customer["members"][:10]:
+    for member in detail.customer.members[:10]:
         members.add_row(member.member, fmt.credits(member.used_ucr), f"{member.requests:,}")
     grid.add_row(actions, members)
     history = _table("Breaker history", "when", "move", "by", "why")
-    for move in detail.customer["breaker_history"][:10]:
+    for move in detail.customer.breaker_history[:10]:
         history.add_row(f"{move.at:%Y-%m-%d %H:%M}", f"{move.before} → {move.after}", move.by, move.why)
     recent = _table("Last ledger rows", "when", "model", "action", "credits")
-    for entry in detail.customer["recent"][:15]:
+    for entry in detail.customer.recent[:15]:
         recent.add_row(str(entry.get("created_at", ""))[:19].replace("T", " "), str(entry.get("model", "")),
                        str(entry.get("action", "")), fmt.credits(int(entry.get("credits_ucr") or 0)))
     outer = Table.grid()

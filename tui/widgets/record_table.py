@@ -101,6 +101,8 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         self.sort_column = sort
         self.descending = descending
         self._width = sum(column.width + 1 for column in self.columns) - 1
+        self._looks: _Look | None = None
+        self._looks_for: tuple[bool, str] | None = None
 
     # ------------------------------------------------------------------ data
 
@@ -222,22 +224,41 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
     def render_line(self, y: int) -> Strip:
         scroll_x, scroll_y = self.scroll_offset
         width = self.size.width
-        base = self.rich_style
+        look = self._look()
         if y == 0:
-            style = base + self.get_component_rich_style("record-table--header")
+            style = look.header
             segments = [Segment(self._header(), style)]
         else:
             index = scroll_y + y - 1
             if index >= len(self._shown):
-                return Strip.blank(width, base)
+                return Strip.blank(width, look.base)
             record = self._shown[index]
-            style = base
-            if self._fault(record):
-                style += self.get_component_rich_style("record-table--fault")
+            fault = self._fault(record)
             if index == self.cursor:
-                style += self.get_component_rich_style("record-table--cursor")
-            segments = self._line(record, style)
+                style = look.fault_cursor if fault else look.cursor
+            else:
+                style = look.fault if fault else look.base
+            segments = self._line(record, style, look)
         return Strip(segments, self._width).crop_extend(scroll_x, scroll_x + width, style)
+
+    def _look(self) -> _Look:
+        """The line styles, worked out once per focus and theme rather than ~10 times a line: Textual's
+        `rich_style` walks the widget's ancestors each time (a third of a refresh's drawing)."""
+        key = (self.has_focus, self.app.theme)
+        if self._looks_for != key or self._looks is None:
+            base = self.rich_style
+            fault = base + self.get_component_rich_style("record-table--fault")
+            cursor = self.get_component_rich_style("record-table--cursor")
+            self._looks = _Look(base, base + self.get_component_rich_style("record-table--header"), fault,
+                                base + cursor, fault + cursor,
+                                Style(color=self.get_component_rich_style("record-table--up").color),
+                                Style(color=self.get_component_rich_style("record-table--down").color))
+            self._looks_for = key
+        return self._looks
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._looks = None
 
     def _header(self) -> str:
         labels = []
@@ -248,12 +269,11 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
             labels.append(_fit(label, column.width, column.align_right))
         return " ".join(labels)
 
-    def _line(self, record: R, style: Style) -> list[Segment]:
+    def _line(self, record: R, style: Style, look: _Look) -> list[Segment]:
         """Plain segments, one per cell (and per marker): no rich Text per cell, which cost most of a redraw."""
         segments = []
         # the markers' colour only: the line's own background (cursor, fault) stays under them
-        up = style + Style(color=self.get_component_rich_style("record-table--up").color)
-        down = style + Style(color=self.get_component_rich_style("record-table--down").color)
+        up, down = style + look.up, style + look.down
         gap = Segment(" ", style)
         for column in self.columns:
             if segments:
@@ -265,6 +285,20 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
             moved = column.mark(record)
             segments.append(Segment(("↑" if moved > 0 else "↓") if moved else " ", up if moved > 0 else down))
         return segments
+
+
+@dataclass(frozen=True)
+class _Look:
+    """A table's line styles for one focus state and theme."""
+
+    base: Style
+    header: Style
+    fault: Style
+    cursor: Style
+    fault_cursor: Style
+    up: Style
+    """Colour only: laid over the line's style."""
+    down: Style
 
 
 def ordered(records: Sequence[R], columns: Sequence[Column[R]], sort_column: str | None,

@@ -13,8 +13,9 @@ class StatusLine(Static):
     """
 
     def __init__(self, summary: str = "", *, id: str | None = None) -> None:
-        super().__init__(id=id)
+        super().__init__(id=id, markup=False)  # error texts and customer ids are shown as they are
         self.summary = summary
+        self._shown: str | None = None
         """What the screen adds on the right (e.g. "10,000 customers · 3 faults")."""
 
     def on_mount(self) -> None:
@@ -26,4 +27,7 @@ class StatusLine(Static):
         connection = app.connection
         line = connection.describe(app.clock(), paused=app.paused, refresh=app.refresh_seconds)
         self.set_class(connection.stale, "-stale")
-        self.update(f"{line}   {self.summary}" if self.summary else line)
+        text = f"{line}   {self.summary}" if self.summary else line
+        if text != self._shown:  # most ticks change nothing; a redraw is a render of the line (not a layout: height 1)
+            self._shown = text
+            self.update(text, layout=False)
