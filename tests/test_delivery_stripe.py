@@ -133,8 +133,9 @@ async def test_requests_succeed_while_stripe_is_down_and_land_after(delivering, 
 
 
 async def test_an_answer_lost_after_stripe_recorded_it_is_not_doubled(delivering, emulator):
-    """Stripe records the event, then answers 500 (or the connection drops): the resend carries the same
-    identifier and Idempotency-Key, so Stripe replays instead of counting twice."""
+    """Stripe records the event, then answers 500 (and saves that 500 under the Idempotency-Key): the
+    resend carries the same identifier under a fresh key, Stripe answers "An event already exists with
+    identifier …", and the relay counts it delivered: once at Stripe, nothing dead."""
     proxy, engine = delivering
     client = tenant(engine, emulator, "ambiguous", proxy)
     emulator.fail_next(3, status=500, path_prefix="/v1/billing/meter_events", after_record=True)
@@ -142,6 +143,8 @@ async def test_an_answer_lost_after_stripe_recorded_it_is_not_doubled(delivering
         await client.chat.completions.create(model="test-model", messages=ask(f"[[p={n + 20} c=2]]"))
     wait_for(lambda: drained(engine), what="delivery")
     assert_exactly_once(emulator, engine, ["ambiguous"])
+    assert outbox.list_events(engine, status="dead", customer_id="ambiguous") == []
+    assert emulator.meter_event_log()["duplicates"] >= 3  # each lost answer was learnt from the identifier
 
 
 def test_operator_api_shows_the_queue_and_metrics(delivering, emulator):
@@ -280,7 +283,8 @@ def test_two_workers_on_postgres_never_send_the_same_event(postgres_url, emulato
 
 def test_duplicate_identifier_answer_counts_as_delivered(tmp_path, emulator, worker_env):
     """Stripe already has the identifier (sent before a crash, with another Idempotency-Key):
-    it answers 400 resource_already_exists, and the relay marks the event delivered."""
+    it answers 400 "An event already exists with identifier …" (no code), and the relay marks the
+    event delivered."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     engine = make_engine(url)
     [event_id] = fill(engine, emulator, customers=1, events=1, prefix="dup")

@@ -28,8 +28,12 @@ def connection_error(cause: Exception) -> stripe.APIConnectionError:
 
 
 @pytest.mark.parametrize(("error", "kind", "uncertain"), [
+    # Stripe's duplicate-identifier answer: 400, no code, no param, "do not retry": counted already
+    (stripe.InvalidRequestError("An event already exists with identifier mtr_x.", None, http_status=400,
+                                headers={"Stripe-Should-Retry": "false"}), OutcomeKind.DUPLICATE, False),
+    # a code Stripe does not send for meter events is not taken for a duplicate: a 400 is a dead letter
     (stripe.InvalidRequestError("An event with identifier 'x' already exists", "identifier",
-                                code="resource_already_exists", http_status=400), OutcomeKind.DUPLICATE, False),
+                                code="resource_already_exists", http_status=400), OutcomeKind.REJECTED, False),
     (stripe.InvalidRequestError("No such customer: 'cus_x'", "payload", code="resource_missing", http_status=400),
      OutcomeKind.REJECTED, False),
     (stripe.AuthenticationError("Invalid API Key provided: sk_test_****abcd", http_status=401),
@@ -107,10 +111,11 @@ def test_exact_decimal():
         exact_decimal(Fraction(1, 3), "x")
 
 
-def test_idempotency_key_is_the_ledger_id_until_an_operator_requeues():
+def test_idempotency_key_is_the_ledger_id_on_the_first_send_and_fresh_on_every_other():
     from plugin.sinks.base import MeterEvent
     from plugin.sinks.stripe import idempotency_key
 
-    event = MeterEvent("mtr_abc", "acme", 5, NOW, "cus_1")
-    assert idempotency_key(event) == "mtr_abc"
-    assert idempotency_key(MeterEvent("mtr_abc", "acme", 5, NOW, "cus_2", requeues=2)) == "mtr_abc:requeue-2"
+    assert idempotency_key(MeterEvent("mtr_abc", "acme", 5, NOW, "cus_1")) == "mtr_abc"
+    keys = {idempotency_key(MeterEvent("mtr_abc", "acme", 5, NOW, "cus_1", requeues=requeues, attempt=attempt))
+            for requeues in range(3) for attempt in range(1, 4)}
+    assert len(keys) == 9 and all(key.startswith("mtr_abc") and len(key) <= 255 for key in keys)

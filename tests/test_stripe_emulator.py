@@ -135,7 +135,8 @@ def test_objects_have_stripe_shapes(client, account):
     assert price.tiers[1].unit_amount_decimal == Decimal("0.0001") and price.recurring.meter == account["meter"].id
     items = subscription["items"].data
     assert [item.id[:3] for item in items] == ["si_", "si_"] and items[1].quantity == 2
-    assert items[0].current_period_start == subscription.current_period_start < subscription.current_period_end
+    assert items[0].current_period_start == items[1].current_period_start < items[0].current_period_end
+    assert "current_period_start" not in subscription  # API 2026-10-28: on the items only
     assert client.v1.customers.retrieve(account["customer"].id).metadata["plan"] == "pro"
     assert client.v1.billing.meters.list({"status": "active"}).data[0].event_name == EVENT_NAME
     with pytest.raises(stripe.InvalidRequestError) as missing:
@@ -150,9 +151,12 @@ def test_v1_meter_event_is_recorded_and_a_duplicate_identifier_refused(emulator,
         "billing.meter_event", "mtr_18a2b3c4d5e6f7a8b9c0d1e2", "1500000")
     with pytest.raises(stripe.InvalidRequestError) as duplicate:
         send(client, customer, "mtr_18a2b3c4d5e6f7a8b9c0d1e2")
-    assert (duplicate.value.http_status, duplicate.value.code, duplicate.value.param) == (
-        400, "resource_already_exists", "identifier")
-    assert "mtr_18a2b3c4d5e6f7a8b9c0d1e2" in duplicate.value.user_message
+    # exactly Stripe's answer: 400, no code, no param, this message, and "do not retry"
+    assert (duplicate.value.http_status, duplicate.value.code, duplicate.value.param) == (400, None, None)
+    assert duplicate.value.user_message == "An event already exists with identifier mtr_18a2b3c4d5e6f7a8b9c0d1e2."
+    assert duplicate.value.json_body["error"] == {"type": "invalid_request_error",
+                                                  "message": duplicate.value.user_message}
+    assert duplicate.value.headers.get("stripe-should-retry") == "false"
     log = emulator.meter_event_log()
     assert [(e["identifier"], e["customer"], e["value"], e["source"]) for e in log["events"]] == [
         ("mtr_18a2b3c4d5e6f7a8b9c0d1e2", customer, "1500000", "v1")]
@@ -212,7 +216,7 @@ def test_v2_stream_of_100_events_and_an_expired_session(emulator, client, accoun
         stream.v2.billing.meter_event_stream.create({"events": [
             {"event_name": EVENT_NAME, "payload": {"stripe_customer_id": customer, "value": "1"}}] * 101})
     emulator.advance_clock(15 * 60)
-    with pytest.raises(stripe.AuthenticationError) as expired:
+    with pytest.raises(stripe.TemporarySessionExpiredError) as expired:  # what the SDK makes of Stripe's v2 error
         stream.v2.billing.meter_event_stream.create({"events": [
             {"event_name": EVENT_NAME, "payload": {"stripe_customer_id": customer, "value": "1"}}]})
     assert (expired.value.http_status, expired.value.error.code) == (401, "billing_meter_event_session_expired")
@@ -283,12 +287,14 @@ def test_ambiguous_500_after_recording_keeps_the_event(emulator, client, account
     assert [event["identifier"] for event in emulator.meter_events()] == ["mtr_amb"]
     with pytest.raises(stripe.InvalidRequestError) as resent:  # a fresh key: the identifier gives it away
         send(client, customer, "mtr_amb", "3")
-    assert resent.value.code == "resource_already_exists"
-    replayed = client.v1.billing.meter_events.create(  # the same key: the stored success
-        {"event_name": EVENT_NAME, "identifier": "mtr_amb", "payload": {"stripe_customer_id": customer,
-                                                                         "value": "3"}},
-        {"idempotency_key": "ik-amb"})
-    assert replayed.identifier == "mtr_amb" and emulator.meter_event_log()["count"] == 1
+    assert resent.value.user_message == "An event already exists with identifier mtr_amb."
+    with pytest.raises(stripe.APIError) as replayed:  # the same key: the saved 500, as Stripe replays it
+        client.v1.billing.meter_events.create(
+            {"event_name": EVENT_NAME, "identifier": "mtr_amb", "payload": {"stripe_customer_id": customer,
+                                                                             "value": "3"}},
+            {"idempotency_key": "ik-amb"})
+    assert replayed.value.http_status == 500 and replayed.value.headers.get("idempotent-replayed") == "true"
+    assert emulator.meter_event_log()["count"] == 1
 
 
 def test_injected_429_and_delay(emulator, client, account):

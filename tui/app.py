@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -29,6 +31,7 @@ from tui.screens.trip import TripDialog
 
 DEFAULT_REFRESH = 5.0
 HANG_UPS = (signal.SIGHUP, signal.SIGTERM)
+HANG_UP_GRACE = 5.0
 
 
 class MeterlineApp(App):
@@ -60,19 +63,28 @@ class MeterlineApp(App):
         self.sub_title = client.url + (" · read-only" if readonly else "")
 
     def on_mount(self) -> None:
-        """The terminal closing (SIGHUP) or a polite kill (SIGTERM) ends the console as `q` does."""
-        loop = asyncio.get_running_loop()
-        for signal_number in HANG_UPS:
-            loop.add_signal_handler(signal_number, self.exit)
+        self._event_loop = asyncio.get_running_loop()
+        self._before_hang_ups = {number: signal.signal(number, self._hang_up) for number in HANG_UPS}
+
+    def _hang_up(self, signal_number: int, frame: object) -> None:
+        """The terminal went away (SIGHUP) or a polite kill (SIGTERM): leave as `q` does.
+
+        A plain signal handler, not the event loop's: it runs even while the loop is blocked, which a
+        gone terminal can cause (Textual's output thread dies on the first write that fails, and the
+        app then waits on its full queue for good). So a watchdog also ends the process if the orderly
+        exit has not within HANG_UP_GRACE seconds; there is nothing of the console's to save."""
+        watchdog = threading.Timer(HANG_UP_GRACE, os._exit, (0,))
+        watchdog.daemon = True
+        watchdog.start()
+        self._event_loop.call_soon_threadsafe(self.exit)
 
     def on_ready(self) -> None:
         if self.freeze_heap:
             freeze_startup_objects()
 
     async def on_unmount(self) -> None:
-        loop = asyncio.get_running_loop()
-        for signal_number in HANG_UPS:
-            loop.remove_signal_handler(signal_number)
+        for number, handler in self._before_hang_ups.items():
+            signal.signal(number, handler)
         await self.client.aclose()
 
     # ------------------------------------------------------------------ keys every screen has

@@ -199,7 +199,7 @@ class Relay:
     async def _send(self, chunk: list[Claimed], sink_ids: dict[str, str | None]) -> Sequence[Outcome]:
         events = [
             MeterEvent(event.id, event.customer_id, event.value_ucr, event.occurred_at, sink_ids.get(event.customer_id),
-                       event.requeues)
+                       event.requeues, event.attempts)
             for event in chunk
         ]
         try:

@@ -33,6 +33,9 @@ class MeterEvent:
     """The customer's id at Stripe, when it has one (other sinks use `customer_id`)."""
     requeues: int = 0
     """How often an operator re-queued the event; sinks with idempotency keys derive a fresh one per requeue."""
+    attempt: int = 1
+    """Which send this is (1: the first since the last requeue); sinks with idempotency keys derive a fresh
+    one per attempt, because a key replays its first answer, a 500 included."""
 
 
 class OutcomeKind(StrEnum):

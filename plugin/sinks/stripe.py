@@ -50,9 +50,28 @@ def outside_window(occurred_at: datetime, now: datetime) -> str | None:
 
 
 def idempotency_key(event: MeterEvent) -> str:
-    """The ledger id; after an operator re-queue, the ledger id and the requeue count, because the
-    resend may carry other parameters and Stripe refuses a reused key with different ones."""
-    return event.identifier if event.requeues == 0 else f"{event.identifier}:requeue-{event.requeues}"
+    """The ledger id on the first send; a fresh key for every later one (the requeue count and the attempt).
+
+    For 24 hours Stripe answers a repeated key with the answer it saved first, a 500 included: a retry
+    with the same key after Stripe recorded the event and then failed would learn nothing, ever. A
+    fresh key is safe because the identifier stays the same: Stripe counts it once, and answers a
+    second send with "An event already exists with identifier …" (`already_counted`). A requeued send
+    may also carry other parameters, which a reused key refuses."""
+    if event.requeues == 0 and event.attempt <= 1:
+        return event.identifier
+    return f"{event.identifier}:r{event.requeues}a{event.attempt}"
+
+
+DUPLICATE_MESSAGE = "An event already exists with identifier"
+
+
+def already_counted(error: stripe.StripeError) -> bool:
+    """Stripe's answer to a meter event whose identifier it already has: HTTP 400, an
+    `invalid_request_error` with no `code`, the message "An event already exists with identifier …",
+    and `Stripe-Should-Retry: false` (DESIGN "Stripe facts"). The message is the only thing that tells
+    it from any other 400, so it is matched, with the status and the missing code as guards."""
+    return (error.http_status == 400 and getattr(error, "code", None) is None
+            and (error.user_message or "").startswith(DUPLICATE_MESSAGE))
 
 
 def classify_error(error: stripe.StripeError, now: datetime | None = None) -> Outcome:
@@ -63,7 +82,7 @@ def classify_error(error: stripe.StripeError, now: datetime | None = None) -> Ou
     reason = f"stripe {status or 'network'}: {code + ': ' if code else ''}{one_line(error.user_message or str(error))}"
     if isinstance(error, stripe.APIConnectionError):
         return Outcome(OutcomeKind.RETRY, reason, uncertain=not isinstance(error.__cause__, _NOT_SENT))
-    if code == "resource_already_exists":
+    if already_counted(error):
         return Outcome(OutcomeKind.DUPLICATE, reason)
     if status == 429 or isinstance(error, stripe.RateLimitError):
         return Outcome(OutcomeKind.RETRY, reason, retry_after=retry_after_seconds((error.headers or {}).get("Retry-After"), now))
@@ -172,7 +191,8 @@ class StripeSink:
             token = await self._session()
             try:
                 await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
-            except stripe.AuthenticationError:  # the session expired early: once more with a new one
+            except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError):
+                # the session expired early (or its token was refused): once more with a new one
                 token = await self._session(refused=token)
                 await self.client.v2.billing.meter_event_stream.create_async(body, {"api_key": token})
         except stripe.StripeError as error:

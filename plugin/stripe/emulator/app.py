@@ -67,10 +67,12 @@ def encode(body: dict[str, Any]) -> str:
     return json.dumps(body, separators=(",", ":"))
 
 
-def json_response(status: int, text: str, *, replayed: bool = False) -> Response:
+def json_response(status: int, text: str, *, replayed: bool = False, should_retry: bool | None = None) -> Response:
     headers = {"Request-Id": f"req_{secrets.token_hex(7)}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
+    if should_retry is not None:
+        headers["Stripe-Should-Retry"] = "true" if should_retry else "false"
     return Response(text, status, headers=headers, media_type="application/json")
 
 
@@ -80,7 +82,7 @@ def as_api_error(error: InvalidParam | ApiError) -> ApiError:
 
 def error_response(error: InvalidParam | ApiError) -> Response:
     error = as_api_error(error)
-    return json_response(error.status, encode(error.body()))
+    return json_response(error.status, encode(error.body()), should_retry=error.should_retry)
 
 
 def decode_json_object(body: bytes) -> dict[str, Any]:
@@ -135,9 +137,13 @@ def run_idempotently(request: Request, operation: Operation, state: EmulatorStat
     try:
         body = operation.handler(state, Params(raw), request.path_params)
         outcome = StoredResponse(operation.status, encode(body or {}))
+        if (failure := state.take_fault(request.url.path, after_record=True)) is not None:
+            # Stripe did the work, then failed to answer: it saves *that* answer under the key and
+            # replays it, a 500 included; only a fresh key (or the identifier's dedupe) tells more
+            raise injected_error(failure)
     except (InvalidParam, ApiError) as raised:
         error = as_api_error(raised)
-        outcome = StoredResponse(error.status, encode(error.body()))
+        outcome = StoredResponse(error.status, encode(error.body()), error.should_retry)
     except BaseException:
         if key:
             state.idempotency_abandon(key)
@@ -162,9 +168,7 @@ async def dispatch(request: Request, operation: Operation) -> Response:
             if failure is not None:
                 raise injected_error(failure)
             outcome, replayed = run_idempotently(request, operation, state, raw)
-            if 200 <= outcome.status < 300 and (failure := state.take_fault(path, after_record=True)) is not None:
-                raise injected_error(failure)
-            return json_response(outcome.status, outcome.body, replayed=replayed)
+            return json_response(outcome.status, outcome.body, replayed=replayed, should_retry=outcome.should_retry)
         finally:
             state.release_meter_event_slot(slot)
     except (InvalidParam, ApiError) as error:

@@ -192,11 +192,12 @@ class Catalog:
         return entry
 
     def with_current_period(self, subscription: dict[str, Any]) -> dict[str, Any]:
-        """Current period fields, on the subscription and (as Stripe now puts them) on each item."""
+        """Current period fields on each item, where Stripe puts them (API 2026-10-28: the subscription
+        itself has none)."""
         start, end = month_period(self.store.clock())
         period = {"current_period_start": start, "current_period_end": end}
         items = [{**item, **period} for item in subscription["items"]["data"]]
-        return {**subscription, **period, "items": {**subscription["items"], "data": items}}
+        return {**subscription, "items": {**subscription["items"], "data": items}}
 
     def list_subscriptions(self, params: Params) -> dict[str, Any]:
         params.only(*LIST_PARAMS, "customer", "price", "status")

@@ -11,13 +11,15 @@ class ApiError(Exception):
     """An error answer in Stripe's shape; the SDK picks its exception class from `status` and `type`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, should_retry: bool | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.code = code
         self.param = param
+        self.should_retry = should_retry
+        """Sent as `Stripe-Should-Retry: true|false` when set (Stripe's hint to clients, e.g. on a duplicate)."""
 
     @classmethod
     def from_invalid_param(cls, error: InvalidParam) -> ApiError:

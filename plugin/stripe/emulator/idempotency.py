@@ -18,6 +18,8 @@ class StoredResponse:
     status: int
     body: str
     """The JSON text as first sent: a replay repeats it even if the object changed since."""
+    should_retry: bool | None = None
+    """Stripe's `Stripe-Should-Retry` header, when the answer carries one."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from plugin.stripe.emulator.money import (
     decimal_text,
     price_amount,
     round_half_up,
-    whole_or_none,
+    truncated,
 )
 from plugin.stripe.emulator.store import LIST_PARAMS, Store, new_id
 
@@ -102,7 +102,7 @@ class Invoices:
             "id": new_id("il"), "object": "line_item", "invoice": invoice_id, "livemode": False,
             "amount": amount, "subtotal": amount, "currency": price["currency"], "metadata": {},
             "description": f"{decimal_text(quantity)} × {product['name']}",
-            "quantity": whole_or_none(quantity), "quantity_decimal": decimal_text(quantity),
+            "quantity": truncated(quantity), "quantity_decimal": decimal_text(quantity),
             "period": {"start": period[0], "end": period[1]},
             "pricing": {"type": "price_details", "price_details": {"price": price["id"], "product": price["product"]},
                         "unit_amount_decimal": price["unit_amount_decimal"]},

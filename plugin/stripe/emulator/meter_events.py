@@ -42,6 +42,13 @@ class MeterEventInput:
     timestamp: int | None
 
 
+def duplicate_identifier(identifier: str | None) -> ApiError:
+    """Stripe's answer to an identifier it already counted (within its rolling 24 h): a plain 400
+    `invalid_request_error`, no `code`, no `param`, and `Stripe-Should-Retry: false` (DESIGN "Stripe
+    facts"). The event is counted: a client must treat this answer as delivered."""
+    return ApiError(400, f"An event already exists with identifier {identifier}.", should_retry=False)
+
+
 class EventRejected(Exception):
     """A meter event Stripe would not record: `code` is the code of Stripe's meter error reports."""
 
@@ -101,10 +108,7 @@ class MeterEvents:
         except EventRejected as rejected:
             raise ApiError(400, rejected.message, code=rejected.code, param=rejected.param) from None
         if recorded is None:
-            raise ApiError(
-                400, f"A meter event with identifier '{event.identifier}' already exists: identifiers must be unique "
-                "within a rolling 24-hour window.", code="resource_already_exists", param="identifier",
-            )
+            raise duplicate_identifier(event.identifier)
         identifier, timestamp = recorded
         return {"object": "billing.meter_event", "created": now, "livemode": False, "event_name": event.event_name,
                 "identifier": identifier, "payload": event.payload, "timestamp": timestamp}
@@ -123,8 +127,9 @@ class MeterEvents:
     def check_session_token(self, token: str) -> None:
         expiry = self._sessions.get(token)
         if expiry is None or expiry <= self.store.clock():
+            # Stripe's v2 error `temporary_session_expired` (the SDK raises TemporarySessionExpiredError)
             raise ApiError(401, "The meter event session has expired or is not valid; create a new meter event "
-                           "session.", code="billing_meter_event_session_expired")
+                           "session.", type="temporary_session_expired", code="billing_meter_event_session_expired")
 
     def accept_meter_event_stream(self, params: Params) -> None:
         """v2: the batch's shape is checked now; each event's content later, as Stripe does.

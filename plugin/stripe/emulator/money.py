@@ -77,8 +77,13 @@ def decimal_text(number: Decimal) -> str:
 
 
 def whole_or_none(number: Decimal | None) -> int | None:
-    """The integer field beside a ``*_decimal`` one: set only when the number is whole."""
+    """A price's integer amount beside its ``*_decimal`` one: set only when the amount is whole."""
     return int(number) if number is not None and number == number.to_integral_value() else None
+
+
+def truncated(number: Decimal | None) -> int | None:
+    """The integer field beside a ``*_decimal`` one: the number with its decimals cut off (Stripe: 12.5 -> 12)."""
+    return None if number is None else int(number)
 
 
 def json_number(number: Decimal) -> int | float:
