@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import Engine
@@ -102,17 +103,23 @@ def _provider_price(price: PriceConfig) -> ProviderPrice:
     )
 
 
+def stripe_config(settings: Settings, config: MeterlineConfig) -> StripeConfig:
+    """How meterline reaches Stripe, from the environment (STRIPE_API_KEY, METERLINE_STRIPE_*) and
+    meterline.yaml's meter; ConfigError without a key."""
+    if not settings.stripe_api_key:
+        raise ConfigError("STRIPE_API_KEY is not set (METERLINE_STRIPE_API_BASE points it at a local server)")
+    return StripeConfig(api_key=settings.stripe_api_key, event_name=config.stripe.meter_event_name,
+                        api_base=settings.stripe_api_base, meter_events_base=settings.stripe_meter_events_base,
+                        stream=settings.stripe_stream)
+
+
 def build_sink(settings: Settings, config: MeterlineConfig) -> Sink | None:
     """The sink METERLINE_SINK names, configured from the environment; ConfigError when incomplete."""
     match settings.sink_name:
         case "stripe":
             if not settings.stripe_api_key:
                 raise ConfigError("METERLINE_SINK=stripe needs STRIPE_API_KEY")
-            return StripeSink(StripeConfig(
-                api_key=settings.stripe_api_key, event_name=config.stripe.meter_event_name,
-                api_base=settings.stripe_api_base, meter_events_base=settings.stripe_meter_events_base,
-                stream=settings.stripe_stream,
-            ))
+            return StripeSink(stripe_config(settings, config))
         case "openmeter":
             if not settings.openmeter_url:
                 raise ConfigError("METERLINE_SINK=openmeter needs METERLINE_OPENMETER_URL")
@@ -149,6 +156,8 @@ class Meterline:
     prompt_token_counter: Callable[[str, list], int] | None = field(default=None, repr=False)
     """The gateway's tokenizer (set by plugin.litellm_hooks); previews fall back to ~4 characters a token."""
     _relay_thread: RelayThread | None = field(default=None, repr=False)
+    _reconciler: Any = field(default=None, repr=False)
+    """plugin.services.reconcile.Reconciler, when the proxy reconciles on a timer."""
     _checkpointer: WalCheckpointer | None = field(default=None, repr=False)
     _last_alerts: dict[str, float] = field(default_factory=dict, repr=False)
 
@@ -302,10 +311,22 @@ class Meterline:
         if self.settings.relay and self._relay_thread is None and (sink := self.sink()) is not None:
             self._relay_thread = RelayThread(self.relay(sink))
             self._relay_thread.start()
+        settings = self.settings
+        if (self._reconciler is None and settings.reconcile_seconds and settings.sink_name == "stripe"
+                and settings.stripe_api_key):
+            from plugin.services.reconcile import (
+                Reconciler,  # the service builds on this module
+            )
+
+            self._reconciler = Reconciler(self, settings.reconcile_seconds, self.clock)
+            self._reconciler.start()
 
     def close(self) -> None:
         """Stop the relay, drain the writer, give back budget slices, release database connections (what
         never started is skipped)."""
+        if self._reconciler is not None:
+            self._reconciler.stop()
+            self._reconciler = None
         if self._relay_thread is not None:
             self._relay_thread.stop()
             self._relay_thread = None

@@ -224,6 +224,8 @@ class PoliciesConfig(_Strict):
     """Soft-limit thresholds (percent of the included quota, else of the hard limit, else of the
     typical period spend) for customers who set none."""
     breaker: BreakerConfigModel = BreakerConfigModel()
+    reconcile_threshold_pct: float = Field(default=1.0, ge=0, le=100)
+    """A customer whose ledger and Stripe differ by more than this share of its ledger has diverged."""
 
 
 class StripeBillingConfig(_Strict):
@@ -296,6 +298,12 @@ class Settings(BaseSettings):
     relay_retry_cap_seconds: float = Field(default=300.0, gt=0, le=86_400)
     outbox_alert_age_seconds: float = Field(default=900.0, gt=0)
     """Alert when the oldest undelivered meter event is older than this."""
+
+    # --- reconciliation against Stripe (plugin/services/reconcile.py)
+    reconcile_seconds: float = Field(default=3600.0, ge=0, le=7 * 86_400)
+    """How often the proxy reconciles the ledger against Stripe's meter summaries; 0: never (the CLI still can)."""
+    reconcile_lag_seconds: int = Field(default=120, ge=0, le=86_400)
+    """The last minutes left out of a comparison: Stripe's summaries are eventually consistent."""
 
     # --- telling people (plugin/notify.py)
     smtp_host: str | None = None

@@ -351,3 +351,83 @@ async def test_webhook_sender_retries_until_delivered_and_logs_each_attempt():
     [first, second] = receiver.received
     assert first[0] == second[0]  # the same event, re-signed
     assert stripe.Webhook.construct_event(second[0], second[1], WEBHOOK_SECRET).id == "evt_1"
+
+
+def summaries(client: stripe.StripeClient, account, start: int, end: int, **extra) -> list[int]:
+    """The aggregated values of the customer's summaries in [start, end), every page of them."""
+    pages = client.v1.billing.meters.event_summaries.list(account["meter"].id, {
+        "customer": account["customer"].id, "start_time": start, "end_time": end, **extra})
+    return [summary.aggregated_value for summary in pages.auto_paging_iter()]
+
+
+def test_hourly_summaries_add_up_what_was_sent_in_each_hour_across_pages(client, account):
+    customer = account["customer"].id
+    now = int(time.time())
+    hour = now - now % 3600
+    sent = [(hour - 7200 + 10, "5"), (hour - 7200 + 3599, "7"), (hour - 3600, "11"), (hour, "13"), (now, "17")]
+    for index, (timestamp, value) in enumerate(sent):
+        send(client, customer, f"mtr_hourly_{index}", value, timestamp=timestamp)
+    hourly = summaries(client, account, hour - 3 * 3600, hour + 3600, value_grouping_window="hour", limit=2)
+    assert hourly == [0, 12, 11, 30]  # oldest hour first, the SDK following `starting_after` across pages
+    day = now - now % 86_400
+    daily = summaries(client, account, day - 86_400, day + 86_400, value_grouping_window="day")
+    assert sum(daily) == 53 and len(daily) == 2
+
+
+@pytest.mark.parametrize(("window", "start_shift", "end_shift", "param", "unit"), [
+    ("hour", 60, 3600, "start_time", "hour"),
+    ("hour", 0, 3660, "end_time", "hour"),
+    ("day", 3600, 86_400, "start_time", "day"),
+    ("day", 0, 86_400 + 3600, "end_time", "day"),
+])
+def test_summary_bounds_off_the_grouping_window_are_refused_naming_the_param(client, account, window, start_shift,
+                                                                             end_shift, param, unit):
+    day = int(time.time()) // 86_400 * 86_400
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        summaries(client, account, day + start_shift, day + end_shift, value_grouping_window=window)
+    assert (refused.value.http_status, refused.value.param) == (400, param)
+    assert refused.value.user_message.startswith(f"{param} must be aligned with {unit} boundaries")
+    assert refused.value.user_message.endswith(f"when value_grouping_window is {window}.")
+    assert summaries(client, account, day + start_shift, day + end_shift) == [0]  # no grouping: minutes are enough
+
+
+def test_summaries_lag_behind_recent_events_but_invoices_do_not(emulator, client, account):
+    customer, now = account["customer"].id, int(time.time())
+    hour = now - now % 3600
+    emulator.set_summary_lag(300)
+    assert httpx.get(f"{emulator.base_url}/_emulator/summary_lag").json() == {"seconds": 300}
+    send(client, customer, "mtr_lagging", "9", timestamp=now)
+    emulator.advance_clock(100)
+    assert summaries(client, account, hour, hour + 3600) == [0]  # received 100 s ago: not summarized yet
+    preview = client.v1.invoices.create_preview({"customer": customer, "subscription": account["subscription"].id})
+    quantities = {line.pricing.price_details.price: line.quantity for line in preview.lines.data}
+    assert quantities[account["usage_price"].id] == 9  # invoices count what was recorded, lag or not
+    emulator.advance_clock(200)
+    assert summaries(client, account, hour, hour + 3600) == [9]
+    emulator.reset()
+    assert httpx.get(f"{emulator.base_url}/_emulator/summary_lag").json() == {"seconds": 0}
+    refused = httpx.post(f"{emulator.base_url}/_emulator/summary_lag", json={"seconds": -1})
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "seconds")
+
+
+def test_a_forgotten_event_leaves_the_summaries_and_its_identifier_counts_once_when_resent(emulator, client, account):
+    customer, now = account["customer"].id, int(time.time())
+    hour = now - now % 3600
+    send(client, customer, "mtr_lost", "5", timestamp=now)
+    send(client, customer, "mtr_kept", "7", timestamp=now)
+    forgotten = emulator.forget_meter_event("mtr_lost")
+    assert (forgotten["identifier"], forgotten["forgotten"]) == ("mtr_lost", True)
+    assert summaries(client, account, hour, hour + 3600) == [7]
+    send(client, customer, "mtr_lost", "5", timestamp=now)  # free again: recorded, not refused as a duplicate
+    with pytest.raises(stripe.InvalidRequestError) as duplicate:
+        send(client, customer, "mtr_lost", "5", timestamp=now)
+    assert duplicate.value.user_message == "An event already exists with identifier mtr_lost."
+    assert summaries(client, account, hour, hour + 3600) == [12]
+    log = emulator.meter_event_log()
+    assert [(event["identifier"], event["forgotten"]) for event in log["events"]] == [
+        ("mtr_lost", True), ("mtr_kept", False), ("mtr_lost", False)]
+    assert (log["count"], log["forgotten"], log["duplicates"]) == (3, 1, 1)
+    with pytest.raises(httpx.HTTPStatusError) as unknown:
+        emulator.forget_meter_event("mtr_never_sent")
+    assert unknown.value.response.status_code == 404
+    assert unknown.value.response.json()["error"]["param"] == "identifier"

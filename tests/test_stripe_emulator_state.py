@@ -395,3 +395,79 @@ def test_lists_page_newest_first_with_starting_after(account):
     assert [customer["id"] for customer in first["data"]] == created[::-1][:2] and first["has_more"]
     rest = state.list_customers(Params({"limit": "2", "starting_after": first["data"][-1]["id"]}))
     assert len(rest["data"]) == 2 and not rest["has_more"]  # the last page holds c0 and the fixture's customer
+
+
+def summary_values(state: EmulatorState, meter: str, customer: str, start: int, end: int, **extra: str) -> list:
+    params = {"customer": customer, "start_time": str(start), "end_time": str(end), **extra}
+    return [item["aggregated_value"] for item in state.meter_event_summaries(meter, Params(params))["data"]]
+
+
+@pytest.mark.parametrize(("grouping", "start", "end", "param"), [
+    ("hour", 1800, 3600, "start_time"), ("hour", 0, 5400, "end_time"),
+    ("day", 3600, DAY, "start_time"), ("day", 0, DAY + 3600, "end_time"),
+])
+def test_grouped_summaries_need_bounds_on_the_window_s_boundaries(account, clock, grouping, start, end, param):
+    state, customer, meter, _ = account
+    midnight = int(clock.now) // DAY * DAY
+    with pytest.raises(InvalidParam) as unaligned:
+        summary_values(state, meter, customer, midnight + start, midnight + end, value_grouping_window=grouping)
+    assert unaligned.value.param == param
+    assert unaligned.value.message == (f"{param} must be aligned with {grouping} boundaries"
+                                       f"{' (00:00 UTC)' if grouping == 'day' else ''} when value_grouping_window "
+                                       f"is {grouping}.")
+
+
+def test_summaries_leave_out_events_received_within_the_lag(account, clock):
+    state, customer, meter, _ = account
+    hour = int(clock.now) - int(clock.now) % 3600
+    state.create_meter_event(meter_event(customer, "old", "5", timestamp=hour))
+    state.set_summary_lag(300)
+    clock.now += 200
+    state.create_meter_event(meter_event(customer, "new", "7", timestamp=hour))  # the same hour, received later
+    clock.now += 100
+    assert summary_values(state, meter, customer, hour, hour + 3600) == [5]
+    assert state.meter_events.aggregated(state.store.get("meter", meter), customer, hour, hour + 3600) == 12
+    clock.now += 199
+    assert summary_values(state, meter, customer, hour, hour + 3600) == [5]
+    clock.now += 1
+    assert summary_values(state, meter, customer, hour, hour + 3600, value_grouping_window="hour") == [12]
+    state.reset()
+    assert state.summary_lag() == 0
+
+
+def test_a_forgotten_event_is_as_if_never_recorded(account, clock):
+    state, customer, meter, subscription = account
+    hour = int(clock.now) - int(clock.now) % 3600
+    state.create_meter_event(meter_event(customer, "lost", "12000000", timestamp=hour))
+    state.create_meter_event(meter_event(customer, "kept", "345678", timestamp=hour))
+    assert state.forget_meter_event("lost")["forgotten"] is True
+    assert summary_values(state, meter, customer, hour, hour + 3600) == [345678]
+    invoice = state.preview_invoice(Params({"customer": customer, "subscription": subscription}))
+    assert {line["quantity"] for line in invoice["lines"]["data"]} == {345678, 2}
+    state.create_meter_event(meter_event(customer, "lost", "12000000", timestamp=hour))
+    with pytest.raises(ApiError):  # the resend holds the identifier again, for its own 24 h
+        state.create_meter_event(meter_event(customer, "lost", "12000000", timestamp=hour))
+    assert summary_values(state, meter, customer, hour, hour + 3600) == [12_345_678]
+    log = state.meter_event_log()
+    assert [(event["identifier"], event["forgotten"]) for event in log["events"]] == [
+        ("lost", True), ("kept", False), ("lost", False)]
+    assert (log["count"], log["forgotten"], log["duplicates"]) == (3, 1, 1)
+    with pytest.raises(ApiError) as missing:
+        state.forget_meter_event("never")
+    assert (missing.value.status, missing.value.param) == (404, "identifier")
+
+
+def test_forgetting_an_identifier_recorded_twice_takes_the_newest_record_first(account, clock):
+    state, customer, meter, _ = account
+    state.create_meter_event(meter_event(customer, "again", "1"))
+    clock.now += DAY
+    state.create_meter_event(meter_event(customer, "again", "2"))  # its first 24 h are over: recorded twice
+    window = (int(clock.now) // DAY * DAY - DAY, int(clock.now) // DAY * DAY + DAY)
+    state.forget_meter_event("again")
+    assert summary_values(state, meter, customer, *window, value_grouping_window="day") == [1, 0]
+    state.forget_meter_event("again")
+    assert summary_values(state, meter, customer, *window, value_grouping_window="day") == [0, 0]
+    with pytest.raises(ApiError) as none_left:
+        state.forget_meter_event("again")
+    assert none_left.value.status == 404
+    assert [event["forgotten"] for event in state.meter_event_log()["events"]] == [True, True]

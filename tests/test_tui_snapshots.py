@@ -5,12 +5,11 @@ A failing run writes a side-by-side report (snapshot_report.html)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from textual.widgets import Input
 
 from tests.support.console_api import FixedApi
+from tests.test_tui import dialog, settle
 from tui.app import MeterlineApp, make_app
 from tui.client import ConsoleClient
 from tui.screens.customer import CustomerScreen
@@ -27,21 +26,6 @@ def fixed_console(api: FixedApi, theme: str) -> MeterlineApp:
     return app
 
 
-async def settle(pilot) -> None:
-    await pilot.pause()
-    await asyncio.wait_for(pilot.app.workers.wait_for_complete(), timeout=10)
-    await pilot.pause()
-
-
-async def until(pilot, kind: type) -> None:
-    for _ in range(100):
-        await pilot.pause(0.05)
-        if isinstance(pilot.app.screen, kind):
-            await pilot.pause()
-            return
-    raise AssertionError(f"no {kind.__name__} on screen")
-
-
 def customers_refreshed(api: FixedApi):
     """The fleet twice: the second answer grew three customers, so their numbers carry ↑."""
     async def steps(pilot) -> None:
@@ -56,7 +40,7 @@ def one_customer(api: FixedApi):
     async def steps(pilot) -> None:
         await settle(pilot)
         await pilot.press("enter")  # the cursor starts on the heaviest spender
-        await until(pilot, CustomerScreen)
+        await dialog(pilot, CustomerScreen)
         await settle(pilot)
     return steps
 
@@ -76,7 +60,7 @@ def limits_form(api: FixedApi):
     async def steps(pilot) -> None:
         await settle(pilot)
         await pilot.press("down", "l")
-        await until(pilot, LimitsForm)
+        await dialog(pilot, LimitsForm)
         for field in pilot.app.screen.query(Input):
             field.cursor_blink = False
         await pilot.pause()

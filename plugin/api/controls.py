@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
+import stripe
 from fastapi import Header, Path, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from plugin import runtime
 from plugin.api.routes import Authorization, _error, operator_refusal, router
-from plugin.ledger import accounts
+from plugin.ledger import accounts, reconciliations
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK
 from plugin.ledger.store import StoreError, as_utc
@@ -23,6 +24,9 @@ from plugin.rules.identity import CUSTOMER_HEADER, AuthFailure, identify
 from plugin.services.breaker import breaker_status, move_breaker
 from plugin.services.limits import LimitsBody, LimitsRefused, set_limits, show_limits
 from plugin.services.preview import preview_answer
+from plugin.services.reconcile import reconcile
+from plugin.settings import ConfigError
+from plugin.sinks.base import one_line
 
 CustomerHeader = Annotated[str | None, Header(alias=CUSTOMER_HEADER)]
 
@@ -214,3 +218,31 @@ async def preview(body: PreviewBody, authorization: Authorization = None,
                                                 body.max_completion_tokens or body.max_tokens))
 
 
+
+
+@router.get("/reconciliation")
+async def last_reconciliation(authorization: Authorization = None) -> JSONResponse:
+    """The last whole-fleet reconciliation (master key): DESIGN "Contract: reconciliation"."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    report = await asyncio.to_thread(reconciliations.last, runtime.current().engine, reconciliations.EVERYONE)
+    if report is None:
+        return _error(404, "no_reconciliation", "No reconciliation has run yet: POST /reconciliation runs one "
+                      "(the proxy also runs one every METERLINE_RECONCILE_SECONDS).")
+    return JSONResponse(report)
+
+
+@router.post("/reconciliation")
+async def run_reconciliation(authorization: Authorization = None) -> JSONResponse:
+    """Reconcile the whole fleet now (master key; the console's "run now") and answer the run."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    meterline = runtime.current()
+    try:
+        run = await asyncio.to_thread(reconcile, meterline, meterline.clock())
+    except ConfigError as problem:
+        return _error(409, "stripe_not_configured", str(problem).splitlines()[0])
+    except stripe.StripeError as problem:
+        return _error(502, "stripe_unavailable", f"Stripe did not answer the reconciliation: "
+                      f"{one_line(problem.user_message or str(problem))}")
+    return JSONResponse(run.report)

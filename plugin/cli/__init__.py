@@ -16,6 +16,7 @@ from plugin.cli import (
     keys,
     ledger,
     limits,
+    reconcile,
     stripe_commands,
     tui,
     usage,
@@ -25,7 +26,7 @@ from plugin.counters.base import CounterError
 from plugin.ledger import store
 from plugin.settings import ConfigError
 
-GROUPS = (customers, keys, usage, limits, ledger, delivery, stripe_commands, tui, demo)
+GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, stripe_commands, tui, demo)
 
 
 def build_parser() -> Parser:

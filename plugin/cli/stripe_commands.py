@@ -8,16 +8,11 @@ from plugin import runtime
 from plugin.cli.common import BadInput, customer_id_arg, positive_int
 from plugin.ledger import store
 from plugin.services.customers import new_stripe_customer
-from plugin.sinks.stripe import StripeConfig
 from plugin.stripe.setup import StripeSetup
 
 
 def stripe_setup(meterline: runtime.Meterline, out: TextIO) -> StripeSetup:
-    settings = meterline.settings
-    if not settings.stripe_api_key:
-        raise BadInput("STRIPE_API_KEY is not set (METERLINE_STRIPE_API_BASE points it at a local server)")
-    config = StripeConfig(api_key=settings.stripe_api_key, api_base=settings.stripe_api_base,
-                          meter_events_base=settings.stripe_meter_events_base)
+    config = runtime.stripe_config(meterline.settings, meterline.config)  # ConfigError: exit 2, one line
     return StripeSetup(config.client(), meterline.config, report=lambda change: print(change.line(), file=out))
 
 

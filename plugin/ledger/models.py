@@ -276,3 +276,17 @@ class UsageDay(SQLModel, table=True):
     credits_ucr: int = Field(default=0, sa_type=BigInteger)
     requests: int = Field(default=0, sa_type=BigInteger)
     saved_ucr: int = Field(default=0, sa_type=BigInteger)
+
+
+class ReconciliationRun(SQLModel, table=True):
+    """One comparison of the ledger with Stripe's meter summaries (`meterline reconcile`, the proxy's
+    timer): what `GET /reconciliation`, the usage API's `stripe` field and the console show."""
+
+    __tablename__ = "reconciliation_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    checked_at: datetime = Field(sa_column=_ts())
+    scope: str = Field(max_length=100)
+    """`all`, or the one customer it was run for."""
+    report: str = Field(sa_column=Column(Text, nullable=False))
+    """The run's JSON, as DESIGN "Contract: reconciliation" shows it."""

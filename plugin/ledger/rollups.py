@@ -95,7 +95,7 @@ def add_on(connection: Connection, entries: Iterable[LedgerRow]) -> None:
         for (customer, day, dimension, name), tally in sorted(days.items())])
 
 
-def _units(column, seconds: int, dialect: str):
+def time_units(column, seconds: int, dialect: str):
     """SQL: whole units since the epoch of a timestamp column (SQLite stores text, Postgres timestamptz)."""
     if dialect == "sqlite":  # whole seconds only: strftime rounds a fraction (10:59:59.9999 -> 11:00)
         return func.cast(func.strftime("%s", func.substr(column, 1, 19)), BigInteger()) // seconds
@@ -120,12 +120,12 @@ def backfill(engine: Engine) -> bool:
             return False
         connection.execute(delete(_HOURS))
         connection.execute(delete(_DAYS))
-        hour = _units(_LEDGER.c.created_at, HOUR, dialect).label("hour")
+        hour = time_units(_LEDGER.c.created_at, HOUR, dialect).label("hour")
         connection.execute(insert(_HOURS).from_select(
             ["customer_id", "hour", *_SUMS],
             select(_LEDGER.c.customer_id, hour, func.sum(_LEDGER.c.credits_ucr), func.count(),
                    func.sum(_LEDGER.c.saved_ucr)).group_by(_LEDGER.c.customer_id, hour)))
-        day = _units(_LEDGER.c.created_at, DAY, dialect).label("day")
+        day = time_units(_LEDGER.c.created_at, DAY, dialect).label("day")
         for dimension in DIMENSIONS:
             name = _LEDGER.c[dimension]
             connection.execute(insert(_DAYS).from_select(

@@ -19,8 +19,10 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session
 
 from plugin.ledger.models import Customer, OutboxEvent
+from plugin.ledger.rollups import time_units
 from plugin.ledger.store import as_utc, has_alert, insert_alert
 from plugin.outbox.retry import WAITING, Status, Step
+from plugin.rules.rollups import HOUR
 
 _OUTBOX = OutboxEvent.__table__
 _CUSTOMERS = Customer.__table__
@@ -156,6 +158,53 @@ def list_events(engine: Engine, *, status: str | None = None, customer_id: str |
         query = query.where(OutboxEvent.customer_id == customer_id)
     with Session(engine) as session:
         return list(session.exec(query).scalars())
+
+
+# ---------------------------------------------------------------------- reconciliation
+
+IN_FLIGHT = (Status.PENDING, Status.SENDING, Status.HELD, Status.UNKNOWN)
+"""On their way to the sink (or not known to have arrived): not divergence yet. Dead letters are."""
+
+
+def hourly_totals(engine: Engine, start: datetime, end: datetime, customer_id: str | None = None
+                  ) -> dict[str, dict[int, dict[str, int]]]:
+    """customer -> hour (whole hours since the epoch) -> status -> µcr of its events that occurred in
+    [start, end): every event the ledger meant for the sink, one per metered ledger row."""
+    with engine.connect() as connection:
+        hour = time_units(_OUTBOX.c.occurred_at, HOUR, connection.dialect.name).label("hour")
+        query = (select(_OUTBOX.c.customer_id, hour, _OUTBOX.c.status, func.sum(_OUTBOX.c.value_ucr))
+                 .where(_OUTBOX.c.occurred_at >= start, _OUTBOX.c.occurred_at < end)
+                 .group_by(_OUTBOX.c.customer_id, hour, _OUTBOX.c.status))
+        if customer_id is not None:
+            query = query.where(_OUTBOX.c.customer_id == customer_id)
+        totals: dict[str, dict[int, dict[str, int]]] = {}
+        for customer, hour_number, status, ucr in connection.execute(query):
+            totals.setdefault(customer, {}).setdefault(int(hour_number), {})[status] = int(ucr)
+    return totals
+
+
+def unknown_in(engine: Engine, start: datetime, end: datetime, customer_id: str | None = None
+               ) -> list[tuple[str, str, datetime, int]]:
+    """(id, customer, occurred_at, µcr) of the `unknown` events that occurred in [start, end)."""
+    query = (select(_OUTBOX.c.id, _OUTBOX.c.customer_id, _OUTBOX.c.occurred_at, _OUTBOX.c.value_ucr)
+             .where(_OUTBOX.c.status == Status.UNKNOWN, _OUTBOX.c.occurred_at >= start, _OUTBOX.c.occurred_at < end)
+             .order_by(_OUTBOX.c.occurred_at, _OUTBOX.c.id))
+    if customer_id is not None:
+        query = query.where(_OUTBOX.c.customer_id == customer_id)
+    with engine.connect() as connection:
+        return [(row.id, row.customer_id, as_utc(row.occurred_at), row.value_ucr) for row in connection.execute(query)]
+
+
+def settle_landed(engine: Engine, ids: Sequence[str], now: datetime) -> int:
+    """`unknown` events that reconciliation found in Stripe's totals: delivered after all."""
+    if not ids:
+        return 0
+    statement = update(_OUTBOX).where(_OUTBOX.c.id.in_(list(ids)), _OUTBOX.c.status == Status.UNKNOWN).values(
+        status=Status.DELIVERED, delivered_at=now, claimed_by=None, lease_until=None,
+        last_error="settled by reconciliation: Stripe's totals for its hour hold it",
+    )
+    with engine.begin() as connection:
+        return connection.execute(statement).rowcount
 
 
 REQUEUABLE = (Status.DEAD, Status.HELD)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from plugin.counters.base import Account
-from plugin.ledger import accounts, rollups
+from plugin.ledger import accounts, reconciliations, rollups
 from plugin.ledger.accounts import Profile
 from plugin.rules.limits import usd_limit_as_ucr
 from plugin.rules.plans import Period, credits_to_ucr, project_period_total
@@ -110,7 +110,7 @@ def usage_report(meterline: Meterline, customer_id: str, now: datetime, which: W
         "daily": days_between(unit_of(period.start, DAY), unit_of(last, DAY), used.daily),
         "breaker": customer.breaker.status.value,
         "limits": limits_json(meterline, customer),
-        "stripe": None,
+        "stripe": reconciliations.stripe_field(meterline.engine, customer_id, period.start, period.end),
     }
 
 

@@ -22,6 +22,7 @@ import stripe
 
 from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.settings import ConfigError, MeterlineConfig
+from plugin.stripe.summaries import find_meter_id
 
 _MAX_DECIMALS = 12
 
@@ -152,9 +153,8 @@ class StripeSetup:
 
     def _meter(self) -> Change:
         event_name = self.config.stripe.meter_event_name
-        for meter in self.client.v1.billing.meters.list({"status": "active", "limit": 100}).auto_paging_iter():
-            if meter.event_name == event_name:
-                return self._emit(Change("meter", event_name, meter.id, "exists"))
+        if (meter_id := find_meter_id(self.client, event_name)) is not None:
+            return self._emit(Change("meter", event_name, meter_id, "exists"))
         meter = self.client.v1.billing.meters.create({
             "display_name": self.config.stripe.meter_display_name, "event_name": event_name,
             "default_aggregation": {"formula": "sum"},

@@ -2,7 +2,7 @@
 
 ``with run_stripe_emulator() as emulator:`` gives a `StripeEmulator` whose `client()` is a real
 `stripe.StripeClient` pointed at it; the other methods wrap ``/_emulator/`` (faults, delay, clock,
-recorded meter events, webhook deliveries, call counts).
+summary lag, recorded and forgotten meter events, webhook deliveries, call counts).
 """
 
 from __future__ import annotations
@@ -54,11 +54,22 @@ class StripeEmulator:
     def advance_clock(self, seconds: int) -> float:
         return self._control("POST", "clock", {"advance_seconds": seconds})["now"]
 
+    def set_summary_lag(self, seconds: int) -> None:
+        """Meter event summaries leave out events the emulator received less than `seconds` ago (until reset)."""
+        self._control("POST", "summary_lag", {"seconds": seconds})
+
+    def forget_meter_event(self, identifier: str) -> dict[str, Any]:
+        """Make Stripe lose a recorded event (its identifier is free again); its log entry, flagged forgotten."""
+        return self._control("POST", "meter_events/forget", {"identifier": identifier})
+
     def reset(self) -> None:
         self._control("POST", "reset")
 
     def meter_event_log(self, offset: int = 0) -> dict[str, Any]:
-        """``count``, ``events`` (from `offset`), ``rejected``, ``duplicates`` and ``rejections``."""
+        """``count``, ``events`` (from `offset`), ``forgotten``, ``rejected``, ``duplicates`` and ``rejections``.
+
+        Forgotten events stay in ``events`` (and ``count``), flagged ``"forgotten": true``.
+        """
         return self._control("GET", f"meter_events?offset={offset}")
 
     def meter_events(self) -> list[dict[str, Any]]:

@@ -63,29 +63,23 @@ class RecordTable(ScrollView, Generic[R], can_focus=True):
         Binding("enter", "select", "Open", show=False),
     ]
 
-    class Highlighted(Message):
+    class _About(Message):
+        """A message about one record of the table."""
+
+        def __init__(self, table: RecordTable, record: Any) -> None:
+            super().__init__()
+            self.table = table
+            self.record = record
+
+        @property
+        def control(self) -> RecordTable:
+            return self.table
+
+    class Highlighted(_About):
         """The cursor is on another record (or on none: `record` is None)."""
 
-        def __init__(self, table: RecordTable, record: Any) -> None:
-            super().__init__()
-            self.table = table
-            self.record = record
-
-        @property
-        def control(self) -> RecordTable:
-            return self.table
-
-    class Selected(Message):
+    class Selected(_About):
         """`enter` (or a double click) on a record."""
-
-        def __init__(self, table: RecordTable, record: Any) -> None:
-            super().__init__()
-            self.table = table
-            self.record = record
-
-        @property
-        def control(self) -> RecordTable:
-            return self.table
 
     def __init__(self, columns: Sequence[Column[R]], key_of: Callable[[R], str], *,
                  fault: Callable[[R], bool] = lambda record: False, sort: str | None = None,

@@ -261,7 +261,7 @@ async def control_health(_: Request) -> dict[str, Any]:
 
 
 async def control_reset(request: Request) -> dict[str, Any]:
-    """Forget everything: objects, events, keys, faults, counters, webhook log, clock offset."""
+    """Forget everything: objects, events, keys, faults, counters, summary lag, webhook log, clock offset."""
     state: EmulatorState = request.app.state.emulator
     state.reset()
     if request.app.state.webhooks is not None:
@@ -294,6 +294,24 @@ async def control_meter_events(request: Request) -> dict[str, Any]:
     if offset is None or offset < 0:
         raise InvalidParam("offset must be a non-negative integer", "offset")
     return request.app.state.emulator.meter_event_log(offset)
+
+
+async def control_forget_meter_event(request: Request) -> dict[str, Any]:
+    """POST ``{"identifier": "mtr_..."}``: Stripe loses that recorded event (its identifier is free again).
+
+    Answers the event's log entry, now flagged ``"forgotten": true``; 404 when no live record has it.
+    """
+    params = (await control_body(request)).only("identifier")
+    return request.app.state.emulator.forget_meter_event(params.text("identifier", required=True))
+
+
+async def control_summary_lag(request: Request) -> dict[str, Any]:
+    """POST ``{"seconds": N}``: summaries leave out events received less than N s ago; GET shows N."""
+    state: EmulatorState = request.app.state.emulator
+    if request.method == "POST":
+        state.set_summary_lag((await control_body(request)).only("seconds").integer("seconds", required=True,
+                                                                                      minimum=0))
+    return {"seconds": state.summary_lag()}
 
 
 async def control_webhook_deliveries(request: Request) -> dict[str, Any]:
@@ -330,6 +348,8 @@ def control_routes() -> list[Route]:
         ("/_emulator/faults", control_faults, ["GET", "POST"]),
         ("/_emulator/delay", control_delay, ["POST"]),
         ("/_emulator/meter_events", control_meter_events, ["GET"]),
+        ("/_emulator/meter_events/forget", control_forget_meter_event, ["POST"]),
+        ("/_emulator/summary_lag", control_summary_lag, ["GET", "POST"]),
         ("/_emulator/webhook_deliveries", control_webhook_deliveries, ["GET"]),
         ("/_emulator/calls", control_calls, ["GET"]),
         ("/_emulator/clock", control_clock, ["GET", "POST"]),

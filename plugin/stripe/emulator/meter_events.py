@@ -4,11 +4,17 @@ Both versions share one rule book (`MeterEvents._ingest`): the event must name a
 customer, carry a number, and fall between 35 days ago and 5 minutes ahead; an identifier counts once
 per rolling 24 h. They differ only in how they answer: v1 refuses with a 400 now, v2 records what it can
 and reports the rest later in ``billing.meter.error_report_triggered`` events.
+
+Summaries (`MeterEvents.meter_event_summaries`) are what a ledger reconciles against, so they copy the
+two ways Stripe's can disagree with what was sent: they lag (events received less than
+`summary_lag_seconds` ago are not in them yet) and, for tests, a recorded event can be forgotten
+(`forget_meter_event`), as if Stripe had lost it.
 """
 
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -30,6 +36,22 @@ MAX_IDENTIFIER_LENGTH = 100
 
 Slot = tuple[str, str]
 """(meter id, customer id): what v1 allows one call at a time for, and what usage is kept under."""
+HOUR = 3600
+GROUPING_WINDOWS = {"day": DAY, "hour": HOUR}
+"""`value_grouping_window` and its size in seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedUsage:
+    """One recorded event as aggregations read it; `log_index` is its entry in `MeterEvents.recorded`."""
+
+    identifier: str
+    timestamp: int
+    value: Decimal
+    received_at: int
+    """The emulator's clock when the event was recorded: what the summaries' lag is measured from."""
+    slot: Slot
+    log_index: int
 
 
 @dataclass(frozen=True)
@@ -65,11 +87,16 @@ class MeterEvents:
         self.catalog = catalog
         self._sessions: dict[str, float] = {}
         self._identifiers: Expiring[int] = Expiring(IDENTIFIER_WINDOW_SECONDS)
-        self._usage: dict[Slot, list[tuple[int, Decimal]]] = {}
+        self._usage: dict[Slot, list[RecordedUsage]] = {}
+        self._live_by_identifier: dict[str, list[RecordedUsage]] = {}
+        """Recorded and not forgotten, oldest first (an identifier recurs once its 24 h have passed)."""
         self._busy_slots: set[Slot] = set()
         self.recorded: list[dict[str, Any]] = []
         self.rejections: list[dict[str, Any]] = []
         self.duplicates = 0
+        self.forgotten = 0
+        self.summary_lag_seconds = 0
+        """Summaries leave out events received less than this long ago, as Stripe's are eventually consistent."""
 
     # -------------------------------------------------------------------------- v1
 
@@ -175,12 +202,15 @@ class MeterEvents:
             self.duplicates += 1
             return None
         timestamp = event.timestamp if event.timestamp is not None else now
+        slot = (meter["id"], customer)
+        usage = RecordedUsage(identifier, timestamp, value, now, slot, len(self.recorded))
         self._identifiers.put(identifier, now, now)
-        self._usage.setdefault((meter["id"], customer), []).append((timestamp, value))
+        self._usage.setdefault(slot, []).append(usage)
+        self._live_by_identifier.setdefault(identifier, []).append(usage)
         self.recorded.append({
             "identifier": identifier, "event_name": event.event_name, "meter": meter["id"], "customer": customer,
             "value": event.payload.get(meter["value_settings"]["event_payload_key"]), "timestamp": timestamp,
-            "source": source, "received_at": now,
+            "source": source, "received_at": now, "forgotten": False,
         })
         return identifier, timestamp
 
@@ -214,32 +244,67 @@ class MeterEvents:
     # -------------------------------------------------------------------------- reading usage
 
     def aggregated(self, meter: Mapping[str, Any], customer: str, start: int, end: int) -> Decimal:
-        """The meter's aggregation of `customer`'s events with start <= timestamp < end."""
+        """The meter's aggregation of `customer`'s events with start <= timestamp < end (lag or not: invoices)."""
         usage = self._usage.get((meter["id"], customer), [])
         return aggregate(meter["default_aggregation"]["formula"], usage, start, end)
 
     def meter_event_summaries(self, meter_id: str, params: Params) -> dict[str, Any]:
+        """Stripe's summaries: only events received at least `summary_lag_seconds` ago count."""
         params.only(*LIST_PARAMS, "customer", "start_time", "end_time", "value_grouping_window")
         meter = self.store.get("meter", meter_id)
         customer = params.text("customer", required=True)
         start, end = params.integer("start_time", required=True), params.integer("end_time", required=True)
-        for name, value in (("start_time", start), ("end_time", end)):
-            if value % 60:
-                raise InvalidParam(f"{name} must be aligned with minute boundaries.", name)
-        if start >= end:
-            raise InvalidParam("start_time must be before end_time.", "start_time")
-        window = {"hour": 3600, "day": DAY, None: None}[params.text("value_grouping_window", choices=("day", "hour"))]
+        grouping = params.text("value_grouping_window", choices=tuple(GROUPING_WINDOWS))
+        check_summary_bounds(start, end, grouping)
+        windows = grouping_windows(start, end, GROUPING_WINDOWS[grouping] if grouping else None)
+        visible_until = self.store.now() - self.summary_lag_seconds
+        visible = [usage for usage in self._usage.get((meter_id, customer), []) if usage.received_at <= visible_until]
+        values = summarize(meter["default_aggregation"]["formula"], visible, windows)
         summaries = [
             {"id": f"mtrsum_{meter_id[4:]}_{window_start}", "object": "billing.meter_event_summary",
              "livemode": False, "meter": meter_id, "start_time": window_start, "end_time": window_end,
-             "aggregated_value": json_number(self.aggregated(meter, customer, window_start, window_end))}
-            for window_start, window_end in grouping_windows(start, end, window)
+             "aggregated_value": json_number(value)}
+            for (window_start, window_end), value in zip(windows, values, strict=True)
         ]
         return paginate(summaries, f"/v1/billing/meters/{meter_id}/event_summaries", params)
 
+    # -------------------------------------------------------------------------- test switches (control API)
+
+    def set_summary_lag(self, seconds: int) -> int:
+        """How far summaries trail what was received: reconciliation must tolerate Stripe's delay."""
+        if seconds < 0:
+            raise InvalidParam("seconds must be 0 or more.", "seconds")
+        self.summary_lag_seconds = seconds
+        return seconds
+
+    def forget_meter_event(self, identifier: str) -> dict[str, Any]:
+        """Lose the newest live record of `identifier`, to prove a reconciliation notices what Stripe lacks.
+
+        A forgotten event is as if Stripe never recorded it: summaries and invoices stop counting it and
+        its identifier is free again (a resend is recorded, not refused as a duplicate). Its log entry stays,
+        flagged ``"forgotten": true``, so the log remains an append-only history that ``offset`` pages through.
+        """
+        live = self._live_by_identifier.get(identifier)
+        if not live:
+            raise ApiError(404, f"No recorded meter event with identifier '{identifier}'.", code="resource_missing",
+                           param="identifier")
+        usage = live.pop()
+        if not live:
+            del self._live_by_identifier[identifier]
+        self._usage[usage.slot].remove(usage)
+        self._identifiers.pop(identifier)  # the 24 h window can only hold the newest record: this one
+        entry = self.recorded[usage.log_index]
+        entry["forgotten"] = True
+        self.forgotten += 1
+        return dict(entry)
+
     def meter_event_log(self, offset: int = 0) -> dict[str, Any]:
-        """What the control API shows: recorded events (from `offset`), rejections and duplicate attempts."""
-        return {"count": len(self.recorded), "events": self.recorded[offset:],
+        """What the control API shows: recorded events (from `offset`), rejections and duplicate attempts.
+
+        ``count`` counts every record ever made, forgotten ones included (each keeps its entry, flagged
+        ``"forgotten": true``): it is the cursor for `offset`. ``forgotten`` says how many were lost since.
+        """
+        return {"count": len(self.recorded), "events": self.recorded[offset:], "forgotten": self.forgotten,
                 "rejected": len(self.rejections), "duplicates": self.duplicates, "rejections": list(self.rejections)}
 
 
@@ -286,14 +351,39 @@ def _event_value(raw: str | None, meter: Mapping[str, Any], param: str) -> Decim
     return value
 
 
-def aggregate(formula: str, usage: Iterable[tuple[int, Decimal]], start: int, end: int) -> Decimal:
+def aggregate(formula: str, usage: Iterable[RecordedUsage], start: int, end: int) -> Decimal:
     """A meter's aggregation of the events with start <= timestamp < end."""
-    inside = [(timestamp, value) for timestamp, value in usage if start <= timestamp < end]
+    inside = [event for event in usage if start <= event.timestamp < end]
     if formula == "count":
         return Decimal(len(inside))
     if formula == "last":
-        return max(inside, key=lambda event: event[0])[1] if inside else Decimal(0)
-    return sum((value for _, value in inside), Decimal(0))
+        return max(inside, key=lambda event: event.timestamp).value if inside else Decimal(0)
+    return sum((event.value for event in inside), Decimal(0))
+
+
+def summarize(formula: str, usage: Iterable[RecordedUsage], windows: Sequence[tuple[int, int]]) -> list[Decimal]:
+    """`aggregate` for each of the consecutive `windows`, sorting the events into them in one pass."""
+    starts = [start for start, _ in windows]
+    buckets: list[list[RecordedUsage]] = [[] for _ in windows]
+    for event in usage:
+        if windows and windows[0][0] <= event.timestamp < windows[-1][1]:
+            buckets[bisect_right(starts, event.timestamp) - 1].append(event)
+    return [aggregate(formula, bucket, start, end) for bucket, (start, end) in zip(buckets, windows, strict=True)]
+
+
+def check_summary_bounds(start: int, end: int, grouping: str | None) -> None:
+    """Stripe's rules: whole minutes always; whole hours for hourly windows and UTC midnights for daily ones."""
+    for name, value in (("start_time", start), ("end_time", end)):
+        if value % 60:
+            raise InvalidParam(f"{name} must be aligned with minute boundaries.", name)
+        if grouping == "hour" and value % HOUR:
+            raise InvalidParam(f"{name} must be aligned with hour boundaries when value_grouping_window is hour.",
+                               name)
+        if grouping == "day" and value % DAY:
+            raise InvalidParam(f"{name} must be aligned with day boundaries (00:00 UTC) when value_grouping_window "
+                               "is day.", name)
+    if start >= end:
+        raise InvalidParam("start_time must be before end_time.", "start_time")
 
 
 def grouping_windows(start: int, end: int, size: int | None) -> list[tuple[int, int]]:

@@ -70,7 +70,7 @@ class EmulatorState:
 
     @_synchronized
     def reset(self) -> None:
-        """Forget everything (objects, events, keys, faults, counters); clock and webhook sink stay."""
+        """Forget everything (objects, events, keys, faults, counters, summary lag); clock and webhook sink stay."""
         self._clear()
 
     def now(self) -> int:
@@ -98,6 +98,13 @@ class EmulatorState:
     accept_meter_event_stream = _forward("meter_events", MeterEvents.accept_meter_event_stream)
     meter_event_summaries = _forward("meter_events", MeterEvents.meter_event_summaries)
     meter_event_log = _forward("meter_events", MeterEvents.meter_event_log)
+    set_summary_lag = _forward("meter_events", MeterEvents.set_summary_lag)
+    forget_meter_event = _forward("meter_events", MeterEvents.forget_meter_event)
+
+    @_synchronized
+    def summary_lag(self) -> int:
+        """Seconds a received event stays out of summaries; back to 0 on `reset` (it lives in `meter_events`)."""
+        return self.meter_events.summary_lag_seconds
 
     preview_invoice = _forward("invoices", Invoices.preview_invoice)
     finalize_period = _forward("invoices", Invoices.finalize_period)
