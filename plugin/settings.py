@@ -226,6 +226,10 @@ class PoliciesConfig(_Strict):
     breaker: BreakerConfigModel = BreakerConfigModel()
     reconcile_threshold_pct: float = Field(default=1.0, ge=0, le=100)
     """A customer whose ledger and Stripe differ by more than this share of its ledger has diverged."""
+    invoice_spike_pct: float = Field(default=50.0, ge=0, le=100_000)
+    """A draft invoice more than this many percent above the customer's previous finalized one is a spike."""
+    invoice_spike_action: Literal["alert", "hold"] = "alert"
+    """`hold` also stops the draft from finalizing (auto_advance off) until `meterline invoices approve`."""
 
 
 class StripeBillingConfig(_Strict):

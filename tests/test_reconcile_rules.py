@@ -97,3 +97,26 @@ def test_divergence_share_is_two_decimals_half_up(divergence, ledger, expected):
 ])
 def test_unknown_events_are_settled_only_where_the_hour_proves_it(ledger, other, unknown, stripe, expected):
     assert settle_unknown(ledger, other, unknown, stripe) is expected
+
+
+# ---------------------------------------------------------------------- the invoice spike guard
+
+from plugin.rules.invoices import dollars, is_spike, plan_of_lookup_key, rise_pct, top_names  # noqa: E402
+
+
+@pytest.mark.parametrize("previous, draft, pct, spike", [
+    (2000, 5000, 50, True), (2000, 3000, 50, False), (2000, 3001, 50, True), (2000, 2000, 0, False),
+    (2000, 2001, 0, True), (0, 1, 50, True), (0, 0, 50, False), (1999, 2999, 50, True),
+])
+def test_a_spike_is_more_than_the_share_above_the_previous_total(previous, draft, pct, spike):
+    assert is_spike(previous, draft, pct) is spike
+
+
+def test_amounts_and_names_as_the_alert_writes_them():
+    assert (dollars(2000), dollars(5), dollars(-150), dollars(123456789)) == ("$20.00", "$0.05", "-$1.50",
+                                                                             "$1,234,567.89")
+    assert (rise_pct(2000, 5000), rise_pct(0, 5000)) == ("+150%", "new")
+    assert top_names({"a": 5, "b": 9, "c": 5, "d": 1}) == ["b", "a", "c"]
+    assert [plan_of_lookup_key(key, "meterline") for key in (
+        "meterline_pro_usage", "meterline_team_plus_base", "other_pro_usage", None, "meterline__base")] == [
+        "pro", "team_plus", None, None, None]

@@ -106,7 +106,7 @@ async def test_v2_events_stripe_rejects_later_become_dead_letters(tmp_path, upst
             body = str(event)
             hook = proxy.base_url + "/meterline/v1/stripe/webhook"
             again = httpx.post(hook, content=body, headers=signed(body))
-            assert again.json() == {"received": True, "handled": True, "dead_letters": 0}
+            assert again.json() == {"received": True, "handled": False, "duplicate": True}  # acted on once
             assert len(store.list_alerts(engine, "meter_error_report")) == len(alerts)
             forged = httpx.post(hook, content=body, headers=signed(body, "whsec_wrong"))
             assert forged.status_code == 400 and forged.json()["error"]["type"] == "invalid_signature"

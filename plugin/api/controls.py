@@ -7,6 +7,7 @@ proxy); operator routes take the master key. A customer key reaches only its own
 from __future__ import annotations
 
 import asyncio
+from fractions import Fraction
 from typing import Annotated, Any, Literal
 
 import stripe
@@ -17,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from plugin import runtime
 from plugin.api.routes import Authorization, _error, operator_refusal, router
 from plugin.ledger import accounts, reconciliations
+from plugin.ledger import invoices as ledger_invoices
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK
 from plugin.ledger.store import StoreError, as_utc
 from plugin.rules.identity import CUSTOMER_HEADER, AuthFailure, identify
+from plugin.services import invoices as invoice_service
 from plugin.services.breaker import breaker_status, move_breaker
 from plugin.services.limits import LimitsBody, LimitsRefused, set_limits, show_limits
 from plugin.services.preview import preview_answer
@@ -246,3 +249,49 @@ async def run_reconciliation(authorization: Authorization = None) -> JSONRespons
         return _error(502, "stripe_unavailable", f"Stripe did not answer the reconciliation: "
                       f"{one_line(problem.user_message or str(problem))}")
     return JSONResponse(run.report)
+
+
+@router.get("/invoices")
+async def list_invoices(authorization: Authorization = None,
+                        customer_id: Annotated[str | None, Query(max_length=64)] = None,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 500) -> JSONResponse:
+    """Invoices meterline saw finalized at Stripe, newest period first (master key)."""
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    found = await asyncio.to_thread(ledger_invoices.listed, runtime.current().engine, customer_id, limit)
+    return JSONResponse({"invoices": found})
+
+
+class CreditBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    usd: Annotated[str, Field(pattern=r"^\d{1,9}(\.\d{1,2})?$")]
+    why: Annotated[str | None, Field(max_length=500)] = None
+
+
+@router.post("/invoices/{invoice_id}/approve")
+async def approve_invoice(invoice_id: Annotated[str, Path(pattern=r"^in_[A-Za-z0-9_]{1,250}$")],
+                          authorization: Authorization = None) -> JSONResponse:
+    """Release a draft the spike guard held (master key)."""
+    return await _invoice_action(authorization, lambda meterline: invoice_service.approve(meterline, invoice_id))
+
+
+@router.post("/invoices/{invoice_id}/credit")
+async def credit_invoice(invoice_id: Annotated[str, Path(pattern=r"^in_[A-Za-z0-9_]{1,250}$")], body: CreditBody,
+                         authorization: Authorization = None) -> JSONResponse:
+    """A credit on that draft invoice only (master key): a negative invoice item."""
+    return await _invoice_action(authorization, lambda meterline: invoice_service.credit(
+        meterline, invoice_id, Fraction(body.usd), body.why))
+
+
+async def _invoice_action(authorization: str | None, action) -> JSONResponse:
+    if (refusal := operator_refusal(authorization)) is not None:
+        return refusal
+    try:
+        return JSONResponse(await asyncio.to_thread(action, runtime.current()))
+    except invoice_service.InvoiceRefused as refused:
+        return _error(409, "invoice_refused", str(refused))
+    except ConfigError as problem:
+        return _error(409, "stripe_not_configured", str(problem).splitlines()[0])
+    except stripe.StripeError as problem:
+        return _error(502, "stripe_unavailable", f"Stripe refused: {one_line(problem.user_message or str(problem))}")

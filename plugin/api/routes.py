@@ -21,7 +21,8 @@ from plugin import __version__, metrics, runtime
 from plugin.ledger.store import as_utc
 from plugin.outbox import store as outbox_store
 from plugin.outbox.retry import Status
-from plugin.stripe.webhooks import meter_error_report
+from plugin.services import invoices as stripe_events
+from plugin.settings import ConfigError
 
 PREFIX = "/meterline/v1"
 
@@ -134,25 +135,30 @@ async def outbox(
 
 @router.post("/stripe/webhook")
 async def stripe_webhook(request: Request, stripe_signature: Annotated[str | None, Header()] = None) -> JSONResponse:
-    """Stripe's webhooks, verified with STRIPE_WEBHOOK_SECRET. Acts on meter error reports (see
-    plugin/stripe/webhooks.py); other events are acknowledged and ignored."""
-    secret = runtime.current().settings.stripe_webhook_secret
+    """Stripe's webhooks, snapshot or thin, verified with STRIPE_WEBHOOK_SECRET (bad, missing or older
+    than 300 s: 400, nothing processed); each event acted on once (plugin/services/invoices.py)."""
+    meterline = runtime.current()
+    secret = meterline.settings.stripe_webhook_secret
     if not secret:
         return _error(503, "webhook_not_configured", "Set STRIPE_WEBHOOK_SECRET to receive Stripe webhooks.")
     payload = await request.body()
+
+    def process() -> dict:
+        client = runtime.stripe_config(meterline.settings, meterline.config).client() \
+            if meterline.settings.stripe_api_key else None
+        return stripe_events.handle(meterline, stripe_events.read_event(payload, stripe_signature, secret, client),
+                                    client)
+
     try:
-        event = stripe.Webhook.construct_event(payload.decode("utf-8", "replace"), stripe_signature or "", secret)
-    except (stripe.SignatureVerificationError, ValueError):
+        return JSONResponse(await asyncio.to_thread(process))
+    except stripe.SignatureVerificationError:
         return _error(400, "invalid_signature", "The Stripe-Signature header does not match this payload.")
-    report = meter_error_report(event.to_dict())
-    if report is None:
-        return JSONResponse({"received": True, "handled": False})
-    marked = await asyncio.to_thread(
-        outbox_store.record_sink_rejections, runtime.current().engine,
-        [(sample.identifier, sample.reason()) for sample in report.samples],
-        alert_kind="meter_error_report", alert_subject=report.event_id or "-", alert_message=report.alert_message(),
-    )
-    return JSONResponse({"received": True, "handled": True, "dead_letters": marked})
+    except ValueError:
+        return _error(400, "invalid_payload", "The webhook body is not a Stripe event.")
+    except ConfigError as problem:
+        return _error(503, "stripe_not_configured", str(problem).splitlines()[0])
+    except stripe.StripeError as problem:  # reading the event's object failed: Stripe delivers it again
+        return _error(502, "stripe_unavailable", f"Could not read the event from Stripe: {problem.__class__.__name__}")
 
 
 class RetryRequest(BaseModel):

@@ -13,6 +13,7 @@ from plugin.cli import (
     customers,
     delivery,
     demo,
+    invoices,
     keys,
     ledger,
     limits,
@@ -26,7 +27,7 @@ from plugin.counters.base import CounterError
 from plugin.ledger import store
 from plugin.settings import ConfigError
 
-GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, stripe_commands, tui, demo)
+GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, invoices, stripe_commands, tui, demo)
 
 
 def build_parser() -> Parser:

@@ -290,3 +290,31 @@ class ReconciliationRun(SQLModel, table=True):
     """`all`, or the one customer it was run for."""
     report: str = Field(sa_column=Column(Text, nullable=False))
     """The run's JSON, as DESIGN "Contract: reconciliation" shows it."""
+
+
+class InvoiceRecord(SQLModel, table=True):
+    """A Stripe invoice meterline saw finalized (`invoice.finalized`): the spike guard's "previous
+    invoice", `GET /invoices`, and the console's screen 5."""
+
+    __tablename__ = "invoices"
+
+    id: str = Field(primary_key=True, max_length=255)
+    customer_id: str | None = Field(default=None, max_length=64, index=True)
+    """meterline's id (None: a Stripe customer meterline does not know)."""
+    stripe_customer_id: str = Field(max_length=255)
+    status: str = Field(max_length=32)
+    total_cents: int = Field(sa_type=BigInteger)
+    currency: str = Field(max_length=8)
+    period_start: datetime = Field(sa_column=_ts())
+    period_end: datetime = Field(sa_column=_ts())
+    finalized_at: datetime = Field(sa_column=_ts())
+
+
+class StripeEventSeen(SQLModel, table=True):
+    """Webhook events already processed: Stripe delivers at least once, meterline acts once."""
+
+    __tablename__ = "stripe_events"
+
+    id: str = Field(primary_key=True, max_length=255)
+    type: str = Field(max_length=100)
+    received_at: datetime = Field(sa_column=_ts())
