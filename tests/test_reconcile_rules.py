@@ -7,6 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from plugin.rules.invoices import (
+    dollars,
+    is_spike,
+    plan_of_lookup_key,
+    rise_pct,
+    top_names,
+)
 from plugin.rules.reconcile import (
     Direction,
     Settlement,
@@ -100,8 +107,6 @@ def test_unknown_events_are_settled_only_where_the_hour_proves_it(ledger, other,
 
 
 # ---------------------------------------------------------------------- the invoice spike guard
-
-from plugin.rules.invoices import dollars, is_spike, plan_of_lookup_key, rise_pct, top_names  # noqa: E402
 
 
 @pytest.mark.parametrize("previous, draft, pct, spike", [

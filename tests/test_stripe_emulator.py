@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 import stripe
 
 from plugin.stripe.emulator.webhooks import WebhookSender
-from tests.support.stripe_emulator import StripeEmulator, run_stripe_emulator
+from tests.support.stripe_emulator import (
+    StripeEmulator,
+    WebhookReceiver,
+    receiving,
+    run_stripe_emulator,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     # stripe-python's own async HTTPX client passes bytes as `data=`; not ours to fix
@@ -27,55 +29,9 @@ WEBHOOK_SECRET = "whsec_meterline_test"
 EVENT_NAME = "meterline_credits"
 
 
-class WebhookReceiver:
-    """A local HTTP endpoint that keeps every POST (body bytes and Stripe-Signature header)."""
-
-    def __init__(self, failures: int = 0) -> None:
-        """The first `failures` POSTs are answered 500 (to exercise the sender's retries)."""
-        received = self.received = []
-        failures_left = [failures]
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                received.append((body, self.headers.get("Stripe-Signature")))
-                self.send_response(500 if failures_left[0] > 0 else 200)
-                failures_left[0] -= 1
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                """Quiet: the test output is for assertions."""
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def events(self, event_type: str, count: int = 1, timeout: float = 5.0) -> list[stripe.Event]:
-        """Verified events of `event_type`, once `count` of them arrived."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            verified = [stripe.Webhook.construct_event(body, signature, WEBHOOK_SECRET)
-                        for body, signature in list(self.received)]
-            matching = [event for event in verified if event.type == event_type]
-            if len(matching) >= count:
-                return matching
-            time.sleep(0.05)
-        raise AssertionError(f"fewer than {count} {event_type} webhooks after {timeout} s")
-
-
-@contextmanager
-def serving(receiver: WebhookReceiver) -> Iterator[WebhookReceiver]:
-    receiver.thread.start()
-    try:
-        yield receiver
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[WebhookReceiver]:
-    with serving(WebhookReceiver()) as running:
+    with receiving(WebhookReceiver(WEBHOOK_SECRET)) as running:
         yield running
 
 
@@ -340,7 +296,7 @@ def test_unknown_paths_answer_in_stripe_error_shape(emulator):
 
 
 async def test_webhook_sender_retries_until_delivered_and_logs_each_attempt():
-    with serving(WebhookReceiver(failures=1)) as receiver:
+    with receiving(WebhookReceiver(WEBHOOK_SECRET, failures=1)) as receiver:
         sender = WebhookSender(receiver.url, WEBHOOK_SECRET, retry_delays=(0.01, 0.01))
         sender.publish({"id": "evt_1", "object": "event", "type": "invoice.created", "data": {"object": {}}})
         deadline = time.monotonic() + 5

@@ -471,3 +471,45 @@ def test_forgetting_an_identifier_recorded_twice_takes_the_newest_record_first(a
         state.forget_meter_event("again")
     assert none_left.value.status == 404
     assert [event["forgotten"] for event in state.meter_event_log()["events"]] == [True, True]
+
+
+def test_the_cycle_runs_only_when_something_falls_due_and_finalizes_after_the_grace(account, clock, emitted):
+    state, customer, _, subscription = account
+    start, end = month_period(clock.now)
+    state.create_meter_event(meter_event(customer, "u1", "12000000"))
+    emitted.clear()
+    state.run_due_billing()
+    assert emitted == [] and state.store.due_at == end  # nothing before the period ends: one comparison
+    clock.now = end
+    state.run_due_billing()
+    assert [event["type"] for event in emitted] == ["customer.subscription.updated", "invoice.created"]
+    draft = emitted[-1]["data"]["object"]
+    assert (draft["total"], draft["period_start"], draft["period_end"]) == (200 + 2000, start, end)
+    assert state.store.due_at == end + 3600 == draft["automatically_finalizes_at"]
+    state.set_invoice_grace(60)  # for drafts made from now on; this one keeps its hour
+    clock.now = end + 3599
+    state.run_due_billing()
+    assert state.retrieve("invoice", draft["id"], Params({}))["status"] == "draft"
+    clock.now = end + 3600
+    state.run_due_billing()
+    assert [event["type"] for event in emitted[2:]] == ["invoice.finalized"]
+    assert emitted[1]["data"]["object"]["status"] == "draft"  # what was sent is a snapshot, not the live object
+    assert state.retrieve("subscription", subscription, Params({}))["items"]["data"][0]["current_period_start"] == end
+
+
+def test_thin_mode_stores_a_v2_event_per_event_and_sends_the_notification(account, clock, emitted):
+    state, _, _, subscription = account
+    state.set_webhook_mode("thin")
+    emitted.clear()
+    invoice = state.finalize_period(subscription)
+    [notification] = emitted
+    assert set(notification) == {"id", "object", "type", "livemode", "created", "related_object"}  # no data
+    assert (notification["type"], notification["related_object"]) == (
+        "v1.invoice.created", {"id": invoice["id"], "type": "invoice", "url": f"/v1/invoices/{invoice['id']}"})
+    stored = state.retrieve("thin_event", notification["id"], Params({}))
+    assert state.retrieve("event", stored["snapshot_event"], Params({}))["type"] == "invoice.created"
+    with pytest.raises(InvalidParam) as unknown:
+        state.set_webhook_mode("fat")
+    assert unknown.value.param == "mode"
+    state.reset()
+    assert state.webhook_mode() == "snapshot" and state.invoice_grace() == 3600

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from plugin import runtime
 from plugin.api.routes import Authorization, _error, operator_refusal, router
 from plugin.ledger import accounts, reconciliations
-from plugin.ledger import invoices as ledger_invoices
 from plugin.ledger import store as ledger_store
 from plugin.ledger.accounts import GLOBAL_OVERAGE_BLOCK
 from plugin.ledger.store import StoreError, as_utc
@@ -255,10 +254,11 @@ async def run_reconciliation(authorization: Authorization = None) -> JSONRespons
 async def list_invoices(authorization: Authorization = None,
                         customer_id: Annotated[str | None, Query(max_length=64)] = None,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 500) -> JSONResponse:
-    """Invoices meterline saw finalized at Stripe, newest period first (master key)."""
+    """Invoices meterline saw finalized at Stripe (and drafts its spike guard flagged), newest period first,
+    each with `ledger_cents`, the ledger's figure for its period (master key)."""
     if (refusal := operator_refusal(authorization)) is not None:
         return refusal
-    found = await asyncio.to_thread(ledger_invoices.listed, runtime.current().engine, customer_id, limit)
+    found = await asyncio.to_thread(invoice_service.invoice_rows, runtime.current(), customer_id, limit)
     return JSONResponse({"invoices": found})
 
 

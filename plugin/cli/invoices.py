@@ -12,7 +12,6 @@ from typing import TextIO
 
 from plugin import runtime
 from plugin.cli.common import BadInput, customer_id_arg
-from plugin.ledger import invoices as ledger_invoices
 from plugin.rules.invoices import dollars
 from plugin.services import invoices as invoice_service
 
@@ -30,7 +29,7 @@ def usd_arg(value: str) -> Fraction:
 
 
 def cmd_list(args, out: TextIO) -> None:
-    found = ledger_invoices.listed(runtime.current().engine, args.customer)
+    found = invoice_service.invoice_rows(runtime.current(), args.customer)
     if args.json:
         print(json.dumps({"invoices": found}), file=out)
         return
@@ -39,7 +38,9 @@ def cmd_list(args, out: TextIO) -> None:
     for invoice in found:
         print(f"{invoice['id']:<32} {invoice['customer_id'] or invoice['stripe_customer_id']:<24} "
               f"{invoice['period_start'][:10]} .. {invoice['period_end'][:10]}  {invoice['status']:<6} "
-              f"{dollars(invoice['total_cents']):>12} {invoice['currency']}", file=out)
+              f"{dollars(invoice['total_cents']):>12} {invoice['currency']}  ledger "
+              f"{'—' if invoice['ledger_cents'] is None else dollars(invoice['ledger_cents'])}"
+              f"{'  HELD' if invoice['held'] else ''}", file=out)
 
 
 def cmd_approve(args, out: TextIO) -> None:

@@ -60,8 +60,13 @@ def previous_finalized(engine: Engine, stripe_customer_id: str, before_invoice: 
     return None if found is None else _json(found)
 
 
+def set_held(engine: Engine, invoice_id: str, held: bool) -> None:
+    with engine.begin() as connection:
+        connection.execute(_INVOICES.update().where(_INVOICES.c.id == invoice_id).values(held=held))
+
+
 def listed(engine: Engine, customer_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
-    """Recorded invoices, newest period first: the rows of `GET /invoices`."""
+    """Recorded invoices (finalized ones, and drafts the guard flagged), newest period first."""
     query = select(_INVOICES).order_by(_INVOICES.c.period_end.desc(), _INVOICES.c.id).limit(limit)
     if customer_id is not None:
         query = query.where(_INVOICES.c.customer_id == customer_id)
@@ -73,4 +78,5 @@ def _json(row) -> dict[str, Any]:
     return {"id": row["id"], "customer_id": row["customer_id"], "stripe_customer_id": row["stripe_customer_id"],
             "status": row["status"], "total_cents": row["total_cents"], "currency": row["currency"],
             "period_start": as_utc(row["period_start"]).isoformat(), "period_end": as_utc(row["period_end"]).isoformat(),
-            "finalized_at": as_utc(row["finalized_at"]).isoformat()}
+            "finalized_at": None if row["finalized_at"] is None else as_utc(row["finalized_at"]).isoformat(),
+            "held": bool(row["held"])}

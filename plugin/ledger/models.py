@@ -293,8 +293,8 @@ class ReconciliationRun(SQLModel, table=True):
 
 
 class InvoiceRecord(SQLModel, table=True):
-    """A Stripe invoice meterline saw finalized (`invoice.finalized`): the spike guard's "previous
-    invoice", `GET /invoices`, and the console's screen 5."""
+    """A Stripe invoice meterline saw finalized (`invoice.finalized`), or a draft its spike guard
+    flagged (`invoice.created`): the guard's "previous invoice", `GET /invoices`, the console's screen 5."""
 
     __tablename__ = "invoices"
 
@@ -307,7 +307,10 @@ class InvoiceRecord(SQLModel, table=True):
     currency: str = Field(max_length=8)
     period_start: datetime = Field(sa_column=_ts())
     period_end: datetime = Field(sa_column=_ts())
-    finalized_at: datetime = Field(sa_column=_ts())
+    finalized_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """None while a draft."""
+    held: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    """A draft the spike guard stopped from finalizing (`invoices approve` releases it)."""
 
 
 class StripeEventSeen(SQLModel, table=True):

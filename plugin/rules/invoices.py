@@ -8,6 +8,12 @@ runaway agent's invoice, caught while it is still a draft.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from fractions import Fraction
+
+from plugin.rules.plans import credits_to_ucr
+from plugin.rules.pricing import round_half_up
+from plugin.rules.usage import overage_ucr
+from plugin.settings import PlanConfig
 
 
 def is_spike(previous_total_cents: int, draft_total_cents: int, spike_pct: float) -> bool:
@@ -42,3 +48,13 @@ def plan_of_lookup_key(lookup_key: str | None, prefix: str) -> str | None:
 def top_names(totals: Mapping[str, int], count: int = 3) -> list[str]:
     """The `count` largest names, largest first (ties by name): the actions and models a spike names."""
     return [name for name, _ in sorted(totals.items(), key=lambda item: (-item[1], item[0]))[:count]]
+
+
+def expected_cents(plan: PlanConfig, used_ucr: int) -> int:
+    """What the ledger says a period's invoice should total, in cents: the base fee plus the overage at
+    the plan's rate, each line rounded half up to a cent as Stripe rounds invoice lines."""
+    base = round_half_up(Fraction(plan.base_fee_usd or 0) * 100)
+    if not plan.has_overage:
+        return base
+    over = Fraction(overage_ucr(used_ucr, credits_to_ucr(plan.included_credits)), 1_000_000)
+    return base + round_half_up(over * plan.overage_usd_per_credit * 100)

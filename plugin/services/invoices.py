@@ -23,6 +23,7 @@ from plugin.ledger import accounts, invoices, reconciliations, rollups
 from plugin.outbox import store as outbox_store
 from plugin.rules.invoices import (
     dollars,
+    expected_cents,
     is_spike,
     plan_of_lookup_key,
     rise_pct,
@@ -131,6 +132,7 @@ def spike_guard(meterline: Meterline, draft: dict[str, Any], client: stripe.Stri
     if held:
         _client(meterline, client).v1.invoices.update(invoice_id, {"auto_advance": False})
         message += f" Held as a draft: `meterline invoices approve {invoice_id}` releases it."
+    invoices.record(engine, _row(meterline, draft) | {"held": held})  # the console lists flagged drafts
     reconciliations.alert_once(engine, SPIKE_ALERT, invoice_id, message, customer_id)
     return {"spike": True, "held": held}
 
@@ -155,16 +157,36 @@ def _culprits(meterline: Meterline, customer_id: str | None, draft: dict[str, An
 
 
 def record_finalized(meterline: Meterline, invoice: dict[str, Any]) -> None:
+    invoices.record(meterline.engine, _row(meterline, invoice) | {"held": False})
+
+
+def _row(meterline: Meterline, invoice: dict[str, Any]) -> dict[str, Any]:
+    """An invoice as the `invoices` table keeps it."""
     stripe_customer = str(invoice["customer"])
-    transitions = invoice.get("status_transitions") or {}
-    finalized = transitions.get("finalized_at") or invoice.get("created")
-    invoices.record(meterline.engine, {
+    finalized = (invoice.get("status_transitions") or {}).get("finalized_at")
+    return {
         "id": str(invoice["id"]), "customer_id": invoices.customer_of(meterline.engine, stripe_customer),
-        "stripe_customer_id": stripe_customer, "status": str(invoice.get("status") or "open"),
+        "stripe_customer_id": stripe_customer, "status": str(invoice.get("status") or "draft"),
         "total_cents": int(invoice["total"]), "currency": str(invoice.get("currency") or "usd"),
         "period_start": _moment(invoice["period_start"]), "period_end": _moment(invoice["period_end"]),
-        "finalized_at": _moment(finalized) if finalized else meterline.clock(),
-    })
+        "finalized_at": _moment(finalized) if finalized else None,
+    }
+
+
+def invoice_rows(meterline: Meterline, customer_id: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+    """`GET /invoices` and `meterline invoices list`: each recorded invoice with `ledger_cents`, what the
+    ledger says its period should total (base fee + overage at the customer's plan), to hold it against."""
+    rows = invoices.listed(meterline.engine, customer_id, limit)
+    for row in rows:
+        row["ledger_cents"] = None
+        if row["customer_id"] is not None:
+            profile = accounts.load_profile(meterline.engine, row["customer_id"])
+            if profile is not None:
+                used = rollups.billed_between(meterline.engine, row["customer_id"],
+                                              datetime.fromisoformat(row["period_start"]),
+                                              datetime.fromisoformat(row["period_end"]))
+                row["ledger_cents"] = expected_cents(meterline.plan_of(profile), used)
+    return rows
 
 
 def follow_subscription(meterline: Meterline, subscription: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +208,9 @@ def approve(meterline: Meterline, invoice_id: str, client: stripe.StripeClient |
     """Release a held draft: it finalizes on Stripe's schedule again."""
     client = _client(meterline, client)
     _draft(client, invoice_id)
-    return client.v1.invoices.update(invoice_id, {"auto_advance": True}).to_dict()
+    released = client.v1.invoices.update(invoice_id, {"auto_advance": True}).to_dict()
+    invoices.set_held(meterline.engine, invoice_id, False)
+    return released
 
 
 def credit(meterline: Meterline, invoice_id: str, usd: Fraction, why: str | None,

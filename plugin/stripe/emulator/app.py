@@ -1,9 +1,11 @@
 """The HTTP face of the emulator: Stripe's v1/v2 routes over `EmulatorState`, plus the control API.
 
 Every Stripe call goes through one pipeline, in this order (the order is what the fault switches
-promise): count the call -> authenticate -> decode params -> hold the customer+meter slot (v1 meter
-events) -> injected delay -> injected failure *before* any work -> Idempotency-Key replay or run the
-operation -> injected failure *after* the work ("ambiguous": done, but the caller sees an error).
+promise): count the call -> the billing cycle catches up with the clock (ended periods become drafts,
+drafts past their grace are finalized: a real-time clock works too) -> authenticate -> decode params
+-> hold the customer+meter slot (v1 meter events) -> injected delay -> injected failure *before* any
+work -> Idempotency-Key replay or run the operation -> injected failure *after* the work ("ambiguous":
+done, but the caller sees an error).
 The idempotent answer stored is the operation's real one, so a retry with the same key after an
 ambiguous failure replays the success, as it would after a lost response from Stripe.
 
@@ -158,6 +160,7 @@ async def dispatch(request: Request, operation: Operation) -> Response:
     path = request.url.path
     state.count_call(request.method, path)
     try:
+        state.run_due_billing()
         authenticate(request, operation, state)
         raw = await read_params(request, operation)
         slot = state.claim_meter_event_slot(raw) if operation.holds_meter_slot else None
@@ -217,8 +220,18 @@ STRIPE_ROUTES = [
     ("POST", "/v1/invoices/create_preview", Operation(lambda state, params, _: state.preview_invoice(params))),
     ("GET", "/v1/invoices", Operation(lambda state, params, _: state.list_invoices(params))),
     ("GET", "/v1/invoices/{id}", Operation(_retrieve("invoice"))),
+    ("POST", "/v1/invoices/{id}", Operation(lambda state, params, path: state.update_invoice(path["id"], params))),
+    ("POST", "/v1/invoices/{id}/finalize",
+     Operation(lambda state, params, path: state.finalize_invoice(path["id"], params))),
+    ("GET", "/v1/invoices/{id}/lines",
+     Operation(lambda state, params, path: state.list_invoice_lines(path["id"], params))),
+    ("POST", "/v1/invoiceitems", Operation(lambda state, params, _: state.create_invoice_item(params))),
+    ("GET", "/v1/invoiceitems", Operation(lambda state, params, _: state.list_invoice_items(params))),
+    ("GET", "/v1/invoiceitems/{id}", Operation(_retrieve("invoiceitem"))),
     ("GET", "/v1/events", Operation(lambda state, params, _: state.list_events(params))),
     ("GET", "/v1/events/{id}", Operation(_retrieve("event"))),
+    ("GET", "/v2/core/events", Operation(lambda state, params, _: state.list_thin_events(params))),
+    ("GET", "/v2/core/events/{id}", Operation(_retrieve("thin_event"))),
     ("POST", "/v2/billing/meter_event_session",
      Operation(lambda state, params, _: state.create_meter_event_session(params), body="json")),
     ("POST", "/v2/billing/meter_event_stream",
@@ -324,21 +337,50 @@ async def control_calls(request: Request) -> dict[str, Any]:
 
 
 async def control_clock(request: Request) -> dict[str, Any]:
-    """POST ``{"advance_seconds": N}`` moves the emulator's clock forward (identifier window, session expiry)."""
+    """POST ``{"advance_seconds": N}`` or ``{"advance_to": <epoch>}`` moves the emulator's clock forward
+    (identifier window, session expiry, the billing cycle); reading or moving it runs what fell due."""
     state: EmulatorState = request.app.state.emulator
     if not isinstance(state.clock, AdjustableClock):
         raise ApiError(400, "This emulator was started with a fixed clock; it cannot be moved.")
     if request.method == "POST":
-        params = (await control_body(request)).only("advance_seconds")
-        state.clock.advance(params.integer("advance_seconds", required=True, minimum=0))
+        params = (await control_body(request)).only("advance_seconds", "advance_to")
+        target = params.integer("advance_to")
+        if target is not None and params.has("advance_seconds"):
+            raise InvalidParam("Give advance_seconds or advance_to, not both.", "advance_to")
+        if target is not None and target < state.clock():
+            raise InvalidParam(f"advance_to ({target}) is in the emulator's past: the clock only moves forward.",
+                               "advance_to")
+        seconds = (target - state.clock() if target is not None
+                   else params.integer("advance_seconds", required=True, minimum=0))
+        state.clock.advance(seconds)
+    state.run_due_billing()
     return {"now": state.clock(), "offset_seconds": state.clock.offset}
 
 
 async def control_finalize_invoice(request: Request) -> dict[str, Any]:
-    """POST ``{"subscription": "sub_...", "at": <epoch, optional>}``: a draft invoice + ``invoice.created``."""
+    """POST ``{"subscription": "sub_...", "at": <epoch, optional>}``: a draft for the period containing `at`
+    (default now) + ``invoice.created``, outside the cycle; it finalizes itself after the invoice grace."""
     params = (await control_body(request)).only("subscription", "at")
     return request.app.state.emulator.finalize_period(params.text("subscription", required=True),
                                                       params.integer("at"))
+
+
+async def control_webhook_mode(request: Request) -> dict[str, Any]:
+    """POST ``{"mode": "snapshot" | "thin"}``: v1 snapshot events, or thin v2 notifications as Stripe's event
+    destinations send (meter error reports then come as ``v1.billing.meter.*`` thin events); GET shows it."""
+    state: EmulatorState = request.app.state.emulator
+    if request.method == "POST":
+        state.set_webhook_mode((await control_body(request)).only("mode").text("mode", required=True))
+    return {"mode": state.webhook_mode()}
+
+
+async def control_invoice_grace(request: Request) -> dict[str, Any]:
+    """POST ``{"seconds": N}``: how long a new cycle draft waits before it finalizes itself; GET shows N."""
+    state: EmulatorState = request.app.state.emulator
+    if request.method == "POST":
+        state.set_invoice_grace((await control_body(request)).only("seconds").integer("seconds", required=True,
+                                                                                        minimum=0))
+    return {"seconds": state.invoice_grace()}
 
 
 def control_routes() -> list[Route]:
@@ -354,6 +396,8 @@ def control_routes() -> list[Route]:
         ("/_emulator/calls", control_calls, ["GET"]),
         ("/_emulator/clock", control_clock, ["GET", "POST"]),
         ("/_emulator/invoices", control_finalize_invoice, ["POST"]),
+        ("/_emulator/webhook_mode", control_webhook_mode, ["GET", "POST"]),
+        ("/_emulator/invoice_grace", control_invoice_grace, ["GET", "POST"]),
     ]
     return [Route(path, control_endpoint(action), methods=methods) for path, action, methods in table]
 

@@ -146,7 +146,8 @@ class Catalog:
         customer_id = params.text("customer", required=True)
         self.store.get("customer", customer_id, param="customer")
         subscription_id, now = new_id("sub"), self.store.now()
-        items = [self._subscription_item(item, subscription_id, now)
+        period = month_period(now)
+        items = [self._subscription_item(item, subscription_id, now, period)
                  for item in params.children("items", required=True)]
         prices = [item["price"] for item in items]
         _check_item_prices(prices, "items")
@@ -161,21 +162,22 @@ class Catalog:
             "items": {"object": "list", "data": items, "has_more": False, "total_count": len(items),
                       "url": f"/v1/subscription_items?subscription={subscription_id}"},
         })
-        return self.with_current_period(subscription)
+        self.store.wake_at(period[1])
+        return subscription
 
     def create_subscription_item(self, params: Params) -> dict[str, Any]:
         """`POST /v1/subscription_items`: add a price to an existing subscription."""
         subscription = self.store.get("subscription", params.text("subscription", required=True), param="subscription")
-        item = self._subscription_item(params, subscription["id"], self.store.now(), also=("subscription",))
+        item = self._subscription_item(params, subscription["id"], self.store.now(), current_period(subscription),
+                                       also=("subscription",))
         _check_item_prices([existing["price"] for existing in subscription["items"]["data"]] + [item["price"]],
                            "price")
         subscription["items"]["data"].append(item)
         subscription["items"]["total_count"] = len(subscription["items"]["data"])
-        start, end = month_period(self.store.clock())
-        return {**item, "current_period_start": start, "current_period_end": end}
+        return item
 
-    def _subscription_item(self, item: Params, subscription_id: str, now: int, also: tuple[str, ...] = ()
-                           ) -> dict[str, Any]:
+    def _subscription_item(self, item: Params, subscription_id: str, now: int, period: tuple[int, int],
+                           also: tuple[str, ...] = ()) -> dict[str, Any]:
         item.only("price", "quantity", "metadata", *also)
         price = self.store.get("price", item.text("price", required=True), param=item.name("price"))
         if price["recurring"] is None:
@@ -186,18 +188,24 @@ class Catalog:
             raise InvalidParam("Quantity should not be specified where usage_type is `metered`. Remove quantity "
                                f"from `{item.name('quantity')}` and try again.", item.name("quantity"))
         entry = {"id": new_id("si"), "object": "subscription_item", "created": now, "price": price,
-                 "subscription": subscription_id, "metadata": item.strings("metadata")}
+                 "subscription": subscription_id, "metadata": item.strings("metadata"),
+                 "current_period_start": period[0], "current_period_end": period[1]}
         if not metered:
             entry["quantity"] = 1 if quantity is None else quantity
         return entry
 
-    def with_current_period(self, subscription: dict[str, Any]) -> dict[str, Any]:
-        """Current period fields on each item, where Stripe puts them (API 2026-10-28: the subscription
-        itself has none)."""
-        start, end = month_period(self.store.clock())
-        period = {"current_period_start": start, "current_period_end": end}
-        items = [{**item, **period} for item in subscription["items"]["data"]]
-        return {**subscription, "items": {**subscription["items"], "data": items}}
+    def renew(self, subscription: dict[str, Any]) -> tuple[int, int]:
+        """Move every item to the next calendar month; answers the period that just closed.
+
+        Stripe announces a renewal with ``customer.subscription.updated`` (the items' periods changed).
+        """
+        closed = current_period(subscription)
+        start, end = month_period(closed[1])
+        for item in subscription["items"]["data"]:
+            item.update(current_period_start=start, current_period_end=end)
+        self.store.wake_at(end)
+        self.store.emit("customer.subscription.updated", subscription)
+        return closed
 
     def list_subscriptions(self, params: Params) -> dict[str, Any]:
         params.only(*LIST_PARAMS, "customer", "price", "status")
@@ -208,7 +216,7 @@ class Catalog:
             return (customer in (None, subscription["customer"]) and (price is None or price in prices)
                     and status in ("all", subscription["status"]))
 
-        return self.store.page("subscription", params, keep, view=self.with_current_period)
+        return self.store.page("subscription", params, keep)
 
     # -------------------------------------------------------------------------- meters
 
@@ -328,6 +336,12 @@ def _tier(tier: Params) -> dict[str, Any]:
         raise InvalidParam("Each tier needs unit_amount(_decimal) or flat_amount(_decimal).", tier.name("unit_amount"),
                            "parameter_missing")
     return fields
+
+
+def current_period(subscription: dict[str, Any]) -> tuple[int, int]:
+    """[start, end) of the subscription's current period; it lives on each item (API 2026-10-28), all alike."""
+    item = subscription["items"]["data"][0]
+    return item["current_period_start"], item["current_period_end"]
 
 
 def _check_item_prices(prices: list[dict[str, Any]], param: str) -> None:

@@ -163,7 +163,9 @@ class MeterEvents:
 
         A shape error refuses the whole batch (400). Otherwise every valid event is recorded (a known
         identifier is silently skipped) and the invalid ones are reported in one
-        ``billing.meter.error_report_triggered`` event per meter; the caller's answer does not tell.
+        ``billing.meter.error_report_triggered`` event per meter; the caller's answer does not tell. In
+        thin mode they are what Stripe sends: thin ``v1.billing.meter.error_report_triggered`` events, and
+        ``v1.billing.meter.no_meter_found`` for events that named no meter.
         """
         params.only("events")
         batch = params.children("events", required=True)
@@ -179,7 +181,10 @@ class MeterEvents:
             except EventRejected as error:
                 rejected.append((event, error))
         for report in error_reports(rejected, now):
-            self.store.emit("billing.meter.error_report_triggered", report)
+            if self.store.webhook_mode == "thin":
+                self.store.emit_thin(*thin_error_report(report))
+            else:  # the v1 snapshot shape meterline's tests were written against (Stripe sends these thin only)
+                self.store.emit("billing.meter.error_report_triggered", report)
 
     # -------------------------------------------------------------------------- the rules, for both versions
 
@@ -421,3 +426,19 @@ def error_reports(rejected: Sequence[tuple[MeterEventInput, EventRejected]], now
             },
         })
     return reports
+
+
+def thin_error_report(report: dict[str, Any]) -> tuple[str, dict[str, Any] | None, dict[str, Any]]:
+    """A report as Stripe's thin event has it: (type, related meter or None, the event's ``data``).
+
+    The v2 ``data`` holds the report's fields with RFC 3339 validation times; events naming no meter
+    have no meter to relate to, so Stripe reports them under their own type.
+    """
+    data = {"developer_message_summary": report["developer_message_summary"], "reason": report["reason"],
+            "validation_start": rfc3339(report["validation_start"]),
+            "validation_end": rfc3339(report["validation_end"])}
+    meter_id = report["meter"]
+    if meter_id is None:
+        return "v1.billing.meter.no_meter_found", None, data
+    related = {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"}
+    return "v1.billing.meter.error_report_triggered", related, data

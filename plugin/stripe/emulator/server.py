@@ -15,7 +15,9 @@ import uvicorn
 
 from plugin.stripe.emulator.app import create_app
 from plugin.stripe.emulator.clock import AdjustableClock
+from plugin.stripe.emulator.invoices import DEFAULT_GRACE_SECONDS
 from plugin.stripe.emulator.state import EmulatorState
+from plugin.stripe.emulator.store import WEBHOOK_MODES
 from plugin.stripe.emulator.webhooks import WebhookSender
 
 READY_POLL_SECONDS = 0.01
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="signing secret for --webhook-url (default: $STRIPE_WEBHOOK_SECRET)")
     parser.add_argument("--strict-concurrency", action=argparse.BooleanOptionalAction, default=True,
                         help="429 when two v1 meter events of one customer and meter overlap (default: on)")
+    parser.add_argument("--webhook-mode", choices=WEBHOOK_MODES, default="snapshot",
+                        help="snapshot: v1 events with the object inline; thin: v2 notifications, as Stripe's event "
+                             "destinations send (default: snapshot)")
+    parser.add_argument("--invoice-grace-seconds", type=int, default=DEFAULT_GRACE_SECONDS,
+                        help="how long a subscription's draft invoice waits before it finalizes itself "
+                             f"(default: {DEFAULT_GRACE_SECONDS}, Stripe's hour)")
     return parser
 
 
@@ -84,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.webhook_url and not args.webhook_secret:
             parser.error("--webhook-url needs --webhook-secret (or STRIPE_WEBHOOK_SECRET): Stripe signs every webhook")
+        if args.invoice_grace_seconds < 0:
+            parser.error("--invoice-grace-seconds must be 0 or more")
     except BadArguments as exc:
         print(exc, file=sys.stderr)
         return 2
     webhooks = WebhookSender(args.webhook_url, args.webhook_secret) if args.webhook_url else None
     state = EmulatorState(AdjustableClock(), strict_concurrency=args.strict_concurrency,
-                          on_event=webhooks.publish if webhooks else None)
+                          on_event=webhooks.publish if webhooks else None, webhook_mode=args.webhook_mode,
+                          invoice_grace_seconds=args.invoice_grace_seconds)
     config = uvicorn.Config(create_app(state, webhooks=webhooks), access_log=False, log_level="warning",
                             lifespan="on")
     try:

@@ -3,12 +3,13 @@
 Pure rules with no HTTP: every method takes decoded params (`forms.Params`) and returns the JSON-ready
 object Stripe would answer with, or raises `ApiError` / `forms.InvalidParam` with Stripe's error
 fields. Time comes from an injected clock (a callable returning epoch seconds), so the 24 h identifier
-window, the 35-day / 5-minute timestamp window and session expiry are testable without sleeping.
+window, the 35-day / 5-minute timestamp window, session expiry and the billing cycle (`run_due_billing`)
+are testable without sleeping.
 
 Where the rules live: `catalog` (customers, products, prices, subscriptions, meters), `meter_events`
-(v1/v2 ingestion, sessions, summaries), `invoices`, `idempotency`, `faults`; all of them keep their
-objects in one `store.Store`. This class only adds the lock: every public method holds it, because the
-state may be shared by the event loop and test threads.
+(v1/v2 ingestion, sessions, summaries), `invoices` (the cycle, invoice items), `idempotency`, `faults`;
+all of them keep their objects in one `store.Store`. This class only adds the lock: every public method
+holds it, because the state may be shared by the event loop and test threads.
 """
 
 from __future__ import annotations
@@ -19,15 +20,25 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 from plugin.stripe.emulator.catalog import Catalog
 from plugin.stripe.emulator.clock import Clock
 from plugin.stripe.emulator.faults import Faults
-from plugin.stripe.emulator.forms import Params
+from plugin.stripe.emulator.forms import InvalidParam, Params
 from plugin.stripe.emulator.idempotency import IdempotencyStore, StoredResponse
-from plugin.stripe.emulator.invoices import Invoices
+from plugin.stripe.emulator.invoices import DEFAULT_GRACE_SECONDS, Invoices
 from plugin.stripe.emulator.meter_events import MeterEvents, Slot
-from plugin.stripe.emulator.store import LIST_PARAMS, EventSink, Store
+from plugin.stripe.emulator.store import (
+    LIST_PARAMS,
+    WEBHOOK_MODES,
+    EventSink,
+    Store,
+    WebhookMode,
+)
+
+V2_PAGE_DEFAULT = 20
+V2_PAGE_MAX = 100
 
 
 def _synchronized(method):
@@ -51,26 +62,32 @@ def _forward(part: str, method: Callable[..., Any]) -> Callable[..., Any]:
 class EmulatorState:
     """One Stripe test-mode account."""
 
-    def __init__(self, clock: Clock = time.time, *, strict_concurrency: bool = True, on_event: EventSink | None = None):
+    def __init__(self, clock: Clock = time.time, *, strict_concurrency: bool = True, on_event: EventSink | None = None,
+                 webhook_mode: WebhookMode = "snapshot", invoice_grace_seconds: int = DEFAULT_GRACE_SECONDS):
         self.clock = clock
         self.strict_concurrency = strict_concurrency
         """Answer 429 when a v1 meter event arrives while another one of the same customer and meter runs."""
         self.on_event = on_event
+        self.default_webhook_mode = _checked_mode(webhook_mode)
+        """What the webhook endpoint receives after a `reset`: v1 snapshot events or thin notifications."""
+        self.default_invoice_grace_seconds = invoice_grace_seconds
+        """A cycle draft's wait before it finalizes itself, after a `reset`."""
         self._lock = threading.RLock()
         self._clear()
 
     def _clear(self) -> None:
-        self.store = Store(self.clock, self.on_event)
+        self.store = Store(self.clock, self.on_event, self.default_webhook_mode)
         self.catalog = Catalog(self.store)
         self.meter_events = MeterEvents(self.store, self.catalog)
-        self.invoices = Invoices(self.store, self.meter_events)
+        self.invoices = Invoices(self.store, self.catalog, self.meter_events, self.default_invoice_grace_seconds)
         self.idempotency = IdempotencyStore()
         self.faults = Faults()
         self.calls: Counter[str] = Counter()
 
     @_synchronized
     def reset(self) -> None:
-        """Forget everything (objects, events, keys, faults, counters, summary lag); clock and webhook sink stay."""
+        """Forget everything (objects, events, keys, faults, counters, summary lag; webhook mode and invoice
+        grace back to their start-up values); clock and webhook sink stay."""
         self._clear()
 
     def now(self) -> int:
@@ -109,6 +126,35 @@ class EmulatorState:
     preview_invoice = _forward("invoices", Invoices.preview_invoice)
     finalize_period = _forward("invoices", Invoices.finalize_period)
     list_invoices = _forward("invoices", Invoices.list_invoices)
+    list_invoice_lines = _forward("invoices", Invoices.list_invoice_lines)
+    update_invoice = _forward("invoices", Invoices.update_invoice)
+    finalize_invoice = _forward("invoices", Invoices.finalize_invoice)
+    create_invoice_item = _forward("invoices", Invoices.create_invoice_item)
+    list_invoice_items = _forward("invoices", Invoices.list_invoice_items)
+    run_due_billing = _forward("invoices", Invoices.run_due)
+    """Close ended periods and finalize drafts whose grace is over; the app runs it on every call and clock move."""
+
+    @_synchronized
+    def set_invoice_grace(self, seconds: int) -> int:
+        """Seconds a new cycle draft waits before it finalizes itself (Stripe: 1 h, up to 72 h)."""
+        if seconds < 0:
+            raise InvalidParam("seconds must be 0 or more.", "seconds")
+        self.invoices.grace_seconds = seconds
+        return seconds
+
+    @_synchronized
+    def invoice_grace(self) -> int:
+        return self.invoices.grace_seconds
+
+    @_synchronized
+    def set_webhook_mode(self, mode: str) -> str:
+        """``snapshot`` (v1 events, the object inline) or ``thin`` (v2 notifications, as event destinations send)."""
+        self.store.webhook_mode = _checked_mode(mode, param="mode")
+        return mode
+
+    @_synchronized
+    def webhook_mode(self) -> str:
+        return self.store.webhook_mode
 
     @_synchronized
     def claim_meter_event_slot(self, raw: Mapping[str, Any]) -> Slot | None:
@@ -118,14 +164,43 @@ class EmulatorState:
     @_synchronized
     def retrieve(self, kind: str, object_id: str, params: Params) -> dict[str, Any]:
         params.only()
-        found = self.store.get(kind, object_id)
-        return self.catalog.with_current_period(found) if kind == "subscription" else found
+        return self.store.get(kind, object_id)
 
     @_synchronized
     def list_events(self, params: Params) -> dict[str, Any]:
         params.only(*LIST_PARAMS, "type")
         event_type = params.text("type")
         return self.store.page("event", params, lambda event: event_type in (None, event["type"]))
+
+    @_synchronized
+    def list_thin_events(self, params: Params) -> dict[str, Any]:
+        """``GET /v2/core/events``: newest first, by `object_id` (the related object) and `types`; v2 pages
+        name the next page by URL (`page` is the last id shown), which the SDK's v2 list follows."""
+        params.only("limit", "page", "object_id", "types")
+        object_id, types = params.text("object_id"), params.texts("types")
+        limit = params.integer("limit", minimum=1) or V2_PAGE_DEFAULT
+        if limit > V2_PAGE_MAX:
+            raise InvalidParam(f"limit must be at most {V2_PAGE_MAX}.", "limit")
+
+        def keep(event: dict[str, Any]) -> bool:
+            related = event.get("related_object") or {}
+            return object_id in (None, related.get("id")) and (not types or event["type"] in types)
+
+        events = self.store.newest_first("thin_event", keep)
+        cursor = params.text("page")
+        if cursor is not None:
+            position = next((index for index, event in enumerate(events) if event["id"] == cursor), None)
+            if position is None:
+                raise InvalidParam(f"Invalid page: {cursor}", "page")
+            events = events[position + 1:]
+        shown = events[:limit]
+        next_page_url = None
+        if len(events) > limit:
+            query = [("limit", limit), ("page", shown[-1]["id"])]
+            query += [("object_id", object_id)] if object_id else []
+            query += [(f"types[{index}]", name) for index, name in enumerate(types)]
+            next_page_url = f"/v2/core/events?{urlencode(query)}"
+        return {"data": shown, "next_page_url": next_page_url, "previous_page_url": None}
 
     # -------------------------------------------------------------------------- the request pipeline's switches
 
@@ -147,3 +222,9 @@ class EmulatorState:
     @_synchronized
     def call_counts(self) -> dict[str, int]:
         return dict(self.calls)
+
+
+def _checked_mode(mode: str, param: str = "webhook_mode") -> WebhookMode:
+    if mode not in WEBHOOK_MODES:
+        raise InvalidParam(f"Invalid {param}: must be one of {', '.join(WEBHOOK_MODES)}", param)
+    return mode  # type: ignore[return-value]  # checked against WEBHOOK_MODES just above
