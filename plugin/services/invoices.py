@@ -208,9 +208,10 @@ def approve(meterline: Meterline, invoice_id: str, client: stripe.StripeClient |
     """Release a held draft: it finalizes on Stripe's schedule again."""
     client = _client(meterline, client)
     _draft(client, invoice_id)
-    released = client.v1.invoices.update(invoice_id, {"auto_advance": True}).to_dict()
+    released = client.v1.invoices.update(invoice_id, {"auto_advance": True})
     invoices.set_held(meterline.engine, invoice_id, False)
-    return released
+    return {"id": released.id, "status": released.status, "auto_advance": released.auto_advance,
+            "total_cents": released.total, "currency": released.currency}
 
 
 def credit(meterline: Meterline, invoice_id: str, usd: Fraction, why: str | None,
@@ -221,9 +222,11 @@ def credit(meterline: Meterline, invoice_id: str, usd: Fraction, why: str | None
         raise InvoiceRefused(f"a credit is a positive amount in whole cents, got ${float(usd):g}")
     client = _client(meterline, client)
     invoice = _draft(client, invoice_id)
-    return client.v1.invoice_items.create({
+    item = client.v1.invoice_items.create({
         "customer": invoice.customer, "invoice": invoice_id, "amount": -int(cents), "currency": invoice.currency,
-        "description": why or "credit from the operator (meterline)"}).to_dict()
+        "description": why or "credit from the operator (meterline)"})
+    return {"id": item.id, "invoice": invoice_id, "amount": item.amount, "currency": item.currency,
+            "description": item.description}
 
 
 def _draft(client: stripe.StripeClient, invoice_id: str) -> stripe.Invoice:
