@@ -15,7 +15,7 @@ import pytest
 from plugin import runtime
 from plugin.cli import main as cli_main
 from plugin.ledger import store
-from plugin.ledger.store import make_engine
+from plugin.ledger.store import as_utc, make_engine
 from plugin.rules.invoices import expected_cents
 from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.settings import MeterlineConfig
@@ -75,6 +75,9 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
             [first] = api.get("/invoices").json()["invoices"]
             assert first["total_cents"] == expected_cents(plan, sum(used_1)) == 2000 == first["ledger_cents"]
             assert store.list_alerts(engine, "invoice_spike") == []  # a first invoice has nothing to rise above
+            # customer.subscription.updated (the items' new period): meterline's period follows Stripe's
+            wait_for(lambda: as_utc(store.get_customer(engine, "inv-a").period_anchor or now) == month_2,
+                     what="the period anchor moved to Stripe's")
 
             # month 2: a runaway agent, 16,000 credits straight to Stripe (15,000 over included: $30)
             emulator.client().v1.billing.meter_events.create({

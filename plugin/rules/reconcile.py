@@ -13,7 +13,7 @@ the Unix epoch (`unit_of(moment, HOUR)`), as the outbox query groups them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -119,29 +119,36 @@ class CustomerReconciliation:
         return Direction.STRIPE_SHORT if self.divergence_ucr > 0 else Direction.STRIPE_OVER
 
 
-def compare(customer_id: str, stripe_customer_id: str | None, ledger: Mapping[int, int],
-            in_flight: Mapping[int, int], stripe: Mapping[int, int],
+def verdict(customer_id: str, stripe_customer_id: str | None, ledger_ucr: int, in_flight_ucr: int, stripe_ucr: int,
             threshold_pct: float) -> CustomerReconciliation:
-    """One customer's verdict from its hourly totals (hour -> µcr) on each side.
+    """One customer's verdict from its totals (µcr), without the hours (`compare` adds them).
 
     divergence = ledger - in flight - Stripe; its share of the ledger (two decimals, half up) above
     `threshold_pct` is a divergence. A customer without a Stripe id is `not_linked`, whatever the sums.
     """
-    ledger_ucr, in_flight_ucr, stripe_ucr = sum(ledger.values()), sum(in_flight.values()), sum(stripe.values())
     divergence = ledger_ucr - in_flight_ucr - stripe_ucr
     share = divergence_pct(divergence, ledger_ucr)
     if stripe_customer_id is None:
         status = Status.NOT_LINKED
     else:
         status = Status.DIVERGED if share > threshold_pct else Status.OK
-    hours: tuple[HourDifference, ...] = ()
-    if status is Status.DIVERGED:
-        hours = tuple(
-            HourDifference(hour, ledger.get(hour, 0) - in_flight.get(hour, 0), stripe.get(hour, 0))
-            for hour in sorted(set(ledger) | set(in_flight) | set(stripe))
-            if ledger.get(hour, 0) - in_flight.get(hour, 0) != stripe.get(hour, 0))
     return CustomerReconciliation(customer_id, stripe_customer_id, ledger_ucr, in_flight_ucr, stripe_ucr, divergence,
-                                  share, status, hours)
+                                  share, status, ())
+
+
+def compare(customer_id: str, stripe_customer_id: str | None, ledger: Mapping[int, int],
+            in_flight: Mapping[int, int], stripe: Mapping[int, int],
+            threshold_pct: float) -> CustomerReconciliation:
+    """`verdict` from hourly totals (hour -> µcr) on each side, with the hours that differ when diverged."""
+    found = verdict(customer_id, stripe_customer_id, sum(ledger.values()), sum(in_flight.values()),
+                    sum(stripe.values()), threshold_pct)
+    if found.status is not Status.DIVERGED:
+        return found
+    hours = tuple(
+        HourDifference(hour, ledger.get(hour, 0) - in_flight.get(hour, 0), stripe.get(hour, 0))
+        for hour in sorted(set(ledger) | set(in_flight) | set(stripe))
+        if ledger.get(hour, 0) - in_flight.get(hour, 0) != stripe.get(hour, 0))
+    return replace(found, hours=hours)
 
 
 def divergence_pct(divergence_ucr: int, ledger_ucr: int) -> float:

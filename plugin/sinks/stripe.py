@@ -101,16 +101,17 @@ class StripeConfig:
     stream: bool = False
     timeout_seconds: float = 10.0
 
-    def client(self, http_client: stripe.HTTPClient | None = None) -> stripe.StripeClient:
-        """A StripeClient pointed at the configured addresses, with the SDK's own retries off: the relay
-        owns retrying (one policy, in plugin/outbox/retry.py)."""
+    def client(self, http_client: stripe.HTTPClient | None = None, *, retries: int = 0) -> stripe.StripeClient:
+        """A StripeClient pointed at the configured addresses. The SDK's own retries are off unless asked
+        for: the relay owns retrying its sends (one policy, in plugin/outbox/retry.py); reads such as
+        reconciliation's may let the SDK retry (it backs off and honours Stripe-Should-Retry)."""
         addresses = {}
         if self.api_base:
             addresses["api"] = self.api_base
         if self.meter_events_base or self.api_base:
             addresses["meter_events"] = self.meter_events_base or self.api_base
         return stripe.StripeClient(
-            self.api_key, base_addresses=addresses, max_network_retries=0, http_client=http_client,
+            self.api_key, base_addresses=addresses, max_network_retries=retries, http_client=http_client,
         )
 
 

@@ -1,9 +1,11 @@
 """Stripe's side of reconciliation: a customer's meter event summaries, read through the SDK
 (`client.v1.billing.meters.event_summaries.list`), summed per clock hour.
 
-The calls follow `plugin.rules.reconcile.summary_requests` (minute bounds, whole hours when grouped
-by hour) and Stripe's pagination (`limit` 100, `starting_after`); `calls` counts them, since
-Stripe's read rate limit is what reconciling a large fleet costs.
+A customer's total over the window is one call (`total`); its hours (`hourly`: the calls of
+`plugin.rules.reconcile.summary_requests`, minute bounds, whole hours when grouped by hour, pages
+of 100 with `starting_after`) are asked only for a customer whose total diverged or whose `unknown`
+events are to be settled. `calls` counts them: Stripe's read rate limit is what reconciling a
+large fleet costs (bench/reconcile.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import UTC, datetime
 
 import stripe
 
-from plugin.rules.reconcile import SummaryRequest, hour_of
+from plugin.rules.reconcile import SummaryRequest, Window, hour_of
 
 PAGE = 100
 
@@ -32,6 +34,12 @@ class SummaryReader:
         self.client = client
         self.meter_id = meter_id
         self.calls = 0
+
+    def total(self, stripe_customer_id: str, compared: Window) -> int:
+        """µcr Stripe has counted for the customer in the window (one ungrouped summary)."""
+        if compared.start >= compared.end:
+            return 0
+        return sum(self.hourly(stripe_customer_id, [SummaryRequest(compared.start, compared.end, False)]).values())
 
     def hourly(self, stripe_customer_id: str, requests: Sequence[SummaryRequest]) -> dict[int, int]:
         """hour -> µcr Stripe has counted for the customer in each requested window."""
