@@ -13,11 +13,12 @@ import subprocess
 import sys
 import termios
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from textual.widgets import Input
 
-from plugin.ledger import store
+from plugin.ledger import invoices, store
 from plugin.outbox import store as outbox_store
 from tests.support import console_api
 from tests.support.proxy import MASTER_KEY
@@ -336,11 +337,17 @@ def _fields(value, path: str = "") -> set[str]:
 
 
 def test_the_snapshots_fixed_answers_have_the_real_apis_fields(metered, customer):
-    """The snapshot pictures are drawn from tests/support/console_api.py: it must answer what a proxy does."""
+    """The snapshot pictures are drawn from tests/support/console_api.py: it must answer what a proxy does
+    (the reconciliation, which needs Stripe, in tests/test_tui_stripe.py)."""
     api = metered.api()
     api.post(f"/customers/{customer}/breaker", json={"action": "trip", "reason": "shape check", "by": "test"})
     api.post(f"/customers/{customer}/breaker", json={"action": "reset", "reason": "shape check", "by": "test"})
     store.add_alert(metered.engine, "soft_limit", f"{customer} used 80%", customer_id=customer)
+    month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    invoices.record(metered.engine, {  # as the webhook records a finalized invoice (no Stripe needed to list it)
+        "id": f"in_shape_{customer}".replace("-", "_"), "customer_id": customer, "stripe_customer_id": "cus_shape",
+        "status": "paid", "total_cents": 2_000, "currency": "usd", "period_start": month - timedelta(days=20),
+        "period_end": month, "finalized_at": month + timedelta(hours=1), "held": False})
     real = {
         "fleet": api.get("/customers", params={"q": customer}).json(),
         "detail": api.get(f"/customers/{customer}").json(),
@@ -348,10 +355,11 @@ def test_the_snapshots_fixed_answers_have_the_real_apis_fields(metered, customer
         "limits": api.get("/limits", headers={"X-Meterline-Customer": customer}).json(),
         "alerts": api.get("/alerts", params={"customer_id": customer}).json(),
         "outbox": api.get("/outbox", params={"customer": customer}).json(),
+        "invoices": api.get("/invoices", params={"customer_id": customer}).json(),
     }
     fixed = {"fleet": console_api.fleet(), "detail": console_api.detail("acme-corp"),
              "usage": console_api.usage("acme-corp"), "limits": console_api.limits("acme-corp"),
-             "alerts": console_api.alerts(), "outbox": console_api.outbox()}
+             "alerts": console_api.alerts(), "outbox": console_api.outbox(), "invoices": console_api.invoices()}
     for answer in real:
         assert _fields(real[answer]) and _fields(fixed[answer]) == _fields(real[answer]), answer
 

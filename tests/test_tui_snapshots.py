@@ -72,6 +72,8 @@ SCREENS = {
     "customer": one_customer,
     "alerts": screen_key("2"),
     "queue": screen_key("3"),
+    "reconciliation": screen_key("4"),
+    "invoices": screen_key("5"),
     "help": screen_key("question_mark"),
     "limits": limits_form,
 }

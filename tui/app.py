@@ -25,8 +25,10 @@ from tui.screens.alerts import AlertsScreen
 from tui.screens.confirm import ConfirmDialog
 from tui.screens.customers import CustomersScreen
 from tui.screens.help import HelpScreen
+from tui.screens.invoices import InvoicesScreen
 from tui.screens.limits import LimitsForm
 from tui.screens.queue import QueueScreen
+from tui.screens.reconciliation import ReconciliationScreen
 from tui.screens.trip import TripDialog
 
 DEFAULT_REFRESH = 5.0
@@ -40,7 +42,8 @@ class MeterlineApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "meterline"
     BINDINGS = keys.bindings(keys.APP_KEYS)
-    MODES = {"customers": CustomersScreen, "alerts": AlertsScreen, "queue": QueueScreen}
+    MODES = {"customers": CustomersScreen, "alerts": AlertsScreen, "queue": QueueScreen,
+             "reconciliation": ReconciliationScreen, "invoices": InvoicesScreen}
     DEFAULT_MODE = "customers"
 
     def __init__(self, client: ConsoleClient, *, refresh_seconds: float = DEFAULT_REFRESH, readonly: bool = False,
@@ -99,11 +102,8 @@ class MeterlineApp(App):
         self.notify("This console is read-only (--readonly): nothing can be changed from it.", severity="warning")
 
     def action_show(self, mode: str) -> None:
-        """Keys 1-5: a screen this console has, or a notice that this proxy does not offer it yet."""
-        if mode in self.MODES:
-            self.switch_mode(mode)
-        else:
-            self.notify(f"{mode.capitalize()} is not available on this proxy yet.", severity="warning")
+        """Keys 1-5: Customers, Alerts, Queue, Reconciliation, Invoices."""
+        self.switch_mode(mode)
 
     def action_toggle_pause(self) -> None:
         self.paused = not self.paused

@@ -26,10 +26,13 @@ MAX_PAGES = 100
 class ConsoleError(Exception):
     """What went wrong talking to the proxy, in words an operator can act on."""
 
-    def __init__(self, message: str, *, status: int | None = None, unreachable: bool = False) -> None:
+    def __init__(self, message: str, *, status: int | None = None, unreachable: bool = False,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.unreachable = unreachable
+        self.kind = kind
+        """The OpenAI-shaped error's `type` (e.g. `no_reconciliation`), when the proxy gave one."""
 
     @property
     def unauthorized(self) -> bool:
@@ -157,6 +160,80 @@ class Queue(_Answer):
     events: list[QueuedEvent]
 
 
+class DifferingHour(_Answer):
+    """An hour in which the ledger and Stripe's meter event summaries differ."""
+
+    start: datetime
+    ledger_ucr: int
+    stripe_ucr: int
+
+
+class ReconciledCustomer(_Answer):
+    """One customer of a reconciliation: `divergence_ucr = ledger_ucr - in_flight_ucr - stripe_ucr`;
+    `status` "ok" | "diverged" | "not_linked" (no Stripe id)."""
+
+    customer_id: str
+    stripe_customer_id: str | None
+    ledger_ucr: int
+    in_flight_ucr: int
+    stripe_ucr: int
+    divergence_ucr: int
+    divergence_pct: float
+    status: str
+    hours: list[DifferingHour] = msgspec.field(default_factory=list)
+
+
+class Reconciliation(_Answer):
+    """A whole-fleet run (DESIGN "Contract: reconciliation")."""
+
+    period_start: datetime
+    period_end: datetime
+    checked_at: datetime
+    threshold_pct: float
+    customers: list[ReconciledCustomer]
+
+
+class InvoiceRow(_Answer):
+    """An invoice meterline recorded (finalized, or a draft its spike guard flagged), with `ledger_cents`:
+    what the ledger says its period should total (None: no customer or plan to price it)."""
+
+    id: str
+    customer_id: str | None
+    stripe_customer_id: str
+    status: str
+    total_cents: int
+    currency: str
+    period_start: datetime
+    period_end: datetime
+    finalized_at: datetime | None = None
+    held: bool = False
+    ledger_cents: int | None = None
+
+
+class _Invoices(_Answer):
+    invoices: list[InvoiceRow]
+
+
+class ReleasedInvoice(_Answer):
+    """A held draft `approve` released."""
+
+    id: str
+    status: str | None = None
+    auto_advance: bool | None = None
+    total_cents: int | None = None
+    currency: str | None = None
+
+
+class InvoiceItem(_Answer):
+    """The negative invoice item a credit adds to a draft."""
+
+    id: str
+    amount: int
+    currency: str
+    invoice: str | None = None
+    description: str | None = None
+
+
 class _Switch(_Answer):
     enabled: bool
 
@@ -242,6 +319,32 @@ class ConsoleClient:
     async def requeue(self, ids: list[str], *, force: bool = False) -> int:
         return (await self._send("POST", "/outbox/retry", {"ids": ids, "force": force}, _Requeued)).requeued
 
+    async def reconciliation(self) -> Reconciliation | None:
+        """The last whole-fleet run; None before the first one."""
+        try:
+            return await self._get(Reconciliation, "/reconciliation")
+        except ConsoleError as error:
+            if error.status == 404 and error.kind == "no_reconciliation":
+                return None
+            raise
+
+    async def run_reconciliation(self) -> Reconciliation:
+        """Reconcile the whole fleet with Stripe now (it settles `unknown` outbox events on the way)."""
+        return await self._send("POST", "/reconciliation", {}, Reconciliation)
+
+    async def invoices(self, customer_id: str | None = None, *, limit: int = 500) -> list[InvoiceRow]:
+        params = {"limit": limit} | ({"customer_id": customer_id} if customer_id is not None else {})
+        return (await self._get(_Invoices, "/invoices", params=params)).invoices
+
+    async def approve_invoice(self, invoice_id: str) -> ReleasedInvoice:
+        """Release a draft the spike guard held: it finalizes on Stripe's schedule again."""
+        return await self._send("POST", f"/invoices/{_segment(invoice_id)}/approve", {}, ReleasedInvoice)
+
+    async def credit_invoice(self, invoice_id: str, usd: str, why: str) -> InvoiceItem:
+        """A credit of `usd` ("12.50") on that draft only; the API refuses one on anything but a draft."""
+        return await self._send("POST", f"/invoices/{_segment(invoice_id)}/credit", {"usd": usd, "why": why},
+                                InvoiceItem)
+
     # ------------------------------------------------------------------ plumbing
 
     async def _body(self, path: str, params: dict[str, str]) -> bytes:
@@ -265,7 +368,8 @@ class ConsoleClient:
         if response.status_code == 401:
             raise ConsoleError("the proxy refused the master key: check LITELLM_MASTER_KEY", status=401)
         if response.status_code >= 400:
-            raise ConsoleError(_refusal(response), status=response.status_code)
+            message, kind = _refusal(response)
+            raise ConsoleError(message, status=response.status_code, kind=kind)
         return response
 
 
@@ -294,11 +398,11 @@ def _segment(value: str) -> str:
     return httpx.URL(path=value).raw_path.decode().replace("/", "%2F")
 
 
-def _refusal(response: httpx.Response) -> str:
-    """The OpenAI-shaped error's message, else the status line."""
+def _refusal(response: httpx.Response) -> tuple[str, str | None]:
+    """The OpenAI-shaped error's message (else the status line) and its type."""
     try:
         error = response.json().get("error", {})
-        message = error.get("message") if isinstance(error, dict) else None
+        message, kind = (error.get("message"), error.get("type")) if isinstance(error, dict) else (None, None)
     except (ValueError, AttributeError):
-        message = None
-    return message or f"HTTP {response.status_code} from the proxy"
+        message, kind = None, None
+    return message or f"HTTP {response.status_code} from the proxy", kind if isinstance(kind, str) else None

@@ -55,6 +55,18 @@ QUEUE_KEYS = (
     Key("show_status", "s", "Status"),
 )
 
+RECONCILIATION_KEYS = (
+    Key("filter", "slash", "Filter"),
+    Key("run_reconciliation", "r", "Run now", changes_state=True),
+)
+"""`r` changes nothing at Stripe but settles `unknown` outbox events (some are sent again): a change."""
+
+INVOICE_KEYS = (
+    Key("filter", "slash", "Filter"),
+    Key("approve_invoice", "a", "Approve", changes_state=True),
+    Key("credit_invoice", "c", "Credit", changes_state=True),
+)
+
 
 def bindings(keys: tuple[Key, ...]) -> list[Binding]:
     """Textual bindings for `keys`. A state-changing key also gets a hidden second binding to
@@ -67,8 +79,8 @@ def bindings(keys: tuple[Key, ...]) -> list[Binding]:
     return found
 
 
-CHANGES_STATE = frozenset(key.action for keys in (APP_KEYS, CUSTOMER_KEYS, ALERT_KEYS, QUEUE_KEYS)
-                          for key in keys if key.changes_state)
+CHANGES_STATE = frozenset(key.action for keys in (APP_KEYS, CUSTOMER_KEYS, ALERT_KEYS, QUEUE_KEYS, RECONCILIATION_KEYS,
+                                                  INVOICE_KEYS) for key in keys if key.changes_state)
 
 
 def allowed(action: str, *, readonly: bool) -> bool:

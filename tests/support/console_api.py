@@ -1,7 +1,9 @@
 """Fixed answers of meterline's operator API, for the console's snapshot tests: a small fleet in which
 every state a row can take appears once (breaker open, over quota, hard limit hit, open alerts,
-idle), alerts of each kind and a queue with a dead letter. Served through httpx's MockTransport, so
-the console runs unchanged; `tests/test_tui.py` checks that these answers have the fields the real
+idle), alerts of each kind, a queue with a dead letter, a reconciliation with a diverged, an ok and
+a not linked customer, and invoices: a held draft and two finalized ones, one differing from the
+ledger. Served through httpx's MockTransport, so the console runs unchanged; `tests/test_tui.py` (and
+tests/test_tui_stripe.py for the reconciliation) checks that these answers have the fields the real
 API's answers have, so the pictures cannot drift from what a proxy sends."""
 
 from __future__ import annotations
@@ -174,6 +176,58 @@ def outbox() -> dict[str, Any]:
             "events": events}
 
 
+def _hour(hours_ago: int) -> str:
+    return (NOW.replace(minute=0) - timedelta(hours=hours_ago)).isoformat()
+
+
+def reconciliation() -> dict[str, Any]:
+    """The last run: acme-corp diverged (Stripe lost events in four hours), two customers ok (one with
+    events in flight), gamma-docs not linked to Stripe."""
+    def customer(customer_id: str, stripe_id: str | None, ledger: int, in_flight: int, stripe: int,
+                 hours: list[tuple[int, int, int]]) -> dict[str, Any]:
+        divergence = ledger - in_flight - stripe if stripe_id else 0
+        pct = round(abs(divergence) / max(ledger, 1) * 100, 2)
+        status = "not_linked" if stripe_id is None else "diverged" if pct > 1 else "ok"
+        return {"customer_id": customer_id, "stripe_customer_id": stripe_id, "ledger_ucr": ledger,
+                "in_flight_ucr": in_flight, "stripe_ucr": stripe, "divergence_ucr": divergence,
+                "divergence_pct": pct, "status": status,
+                "hours": [{"start": _hour(ago), "ledger_ucr": at_ledger, "stripe_ucr": at_stripe}
+                          for ago, at_ledger, at_stripe in hours]}
+
+    lost = [(26, 62_250_000, 0), (9, 41_100_000, 36_000_000), (5, 10_000_000, 0), (2, 125_000_000, 110_000_000)]
+    short = sum(at_ledger - at_stripe for _, at_ledger, at_stripe in lost)  # 92.35 credits: 1.1% of acme's
+    return {
+        "period_start": PERIOD_START.isoformat(), "period_end": (NOW - timedelta(minutes=2)).isoformat(),
+        "checked_at": NOW.isoformat(), "threshold_pct": 1.0,
+        "customers": [
+            customer("acme-corp", "cus_R4nd0mAcme01", 8_412 * CREDIT, 0, 8_412 * CREDIT - short, lost),
+            customer("beta-labs", "cus_R4nd0mBeta02", 1_240 * CREDIT, 1_250_000, 1_240 * CREDIT - 1_250_000, []),
+            customer("gamma-docs", None, 37 * CREDIT, 37 * CREDIT, 0, []),
+            customer("lumen-bank", "cus_R4nd0mLume03", 12_950 * CREDIT, 0, 12_950 * CREDIT, []),
+        ],
+    }
+
+
+def invoices() -> dict[str, Any]:
+    """acme-corp's November draft, held by the spike guard, and two finalized invoices: beta-labs' November
+    one as the ledger says, acme-corp's October one $1.50 short of it."""
+    october, november = datetime(2026, 10, 1, tzinfo=UTC), datetime(2026, 11, 1, tzinfo=UTC)
+
+    def invoice(id_: str, customer: str, stripe_id: str, status: str, total: int, ledger: int | None,
+                start: datetime, end: datetime, held: bool = False) -> dict[str, Any]:
+        return {"id": id_, "customer_id": customer, "stripe_customer_id": stripe_id, "status": status,
+                "total_cents": total, "currency": "usd", "period_start": start.isoformat(),
+                "period_end": end.isoformat(), "held": held, "ledger_cents": ledger,
+                "finalized_at": None if status == "draft" else (end + timedelta(hours=1)).isoformat()}
+
+    return {"invoices": [
+        invoice("in_1QhZ9aAcmeNov0077", "acme-corp", "cus_R4nd0mAcme01", "draft", 5_000, 5_000, november,
+                PERIOD_START, held=True),
+        invoice("in_1Pk2mBetaNov00001", "beta-labs", "cus_R4nd0mBeta02", "paid", 2_000, 2_000, november, PERIOD_START),
+        invoice("in_1Od7qAcmeOct00002", "acme-corp", "cus_R4nd0mAcme01", "paid", 1_850, 2_000, october, november),
+    ]}
+
+
 class FixedApi:
     """A stand-in proxy answering the console's GETs with the fixed data; `refreshed()` makes later
     fleet answers grow, so the ↑ markers show. Anything else is a 404, so a test notices."""
@@ -202,6 +256,10 @@ class FixedApi:
             body = alerts()
         elif path == "/outbox":
             body = outbox()
+        elif path == "/reconciliation":
+            body = reconciliation()
+        elif path == "/invoices":
+            body = invoices()
         elif path == "/overage-block":
             body = {"enabled": False}
         else:
