@@ -9,7 +9,7 @@ PORT ?= 4000
 STRIPE_PORT ?= 12111
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: run test venv test-deps bench clean
+.PHONY: run test drills venv test-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,13 @@ test-deps:
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
-## make test: everything the suite needs, then the whole suite.
+## make test: everything the suite needs, then the whole suite but the long fault drills.
 test: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not drill"
+
+## make drills: the long fault drills (a proxy killed mid-load, the fleet's background rebuild as time passes).
+drills: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q -m drill
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

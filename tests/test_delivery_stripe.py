@@ -377,6 +377,7 @@ def ledger_with_customer(tmp_path, emulator, customer_id: str):
     return url, engine, key
 
 
+@pytest.mark.drill  # 25 s: `make drills`
 async def test_proxy_killed_mid_load_loses_and_doubles_no_meter_event(tmp_path, upstream, emulator):
     url, engine, key = ledger_with_customer(tmp_path, emulator, "crash")
     headers = {"Authorization": f"Bearer {key}"}

@@ -59,9 +59,9 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
         with run_proxy(tmp_path / "proxy", upstream.base_url, url, meterline_yaml=HOLDING_YAML, env=env,
                        port=port) as proxy, httpx.Client(base_url=proxy.base_url + "/meterline/v1", timeout=60,
                                                          headers={"Authorization": f"Bearer {MASTER_KEY}"}) as api:
-            # month 1: 600 credits billed through the ledger, delivered by the proxy's relay (within included)
+            # month 1: 1,600 credits billed through the ledger (600 over the 1,000 included), delivered by the relay
             now = datetime.fromtimestamp(emulator.now(), UTC)
-            used_1 = [250 * CREDIT, 350 * CREDIT]
+            used_1 = [700 * CREDIT, 900 * CREDIT]
             store.write_records(engine, [BillingRecord(LedgerRow(
                 id=f"mtr_inv_a_{index}", customer_id="inv-a", model="gpt-x", action="summarise", credits_ucr=ucr,
                 created_at=now - timedelta(seconds=10 - index))) for index, ucr in enumerate(used_1)])
@@ -73,7 +73,8 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
             wait_for(lambda: [i["status"] for i in api.get("/invoices").json()["invoices"]] == ["open"],
                      what="month 1's invoice.finalized recorded")
             [first] = api.get("/invoices").json()["invoices"]
-            assert first["total_cents"] == expected_cents(plan, sum(used_1)) == 2000 == first["ledger_cents"]
+            # Stripe's invoice, to the cent: the $20 base fee + 600 × $0.002 from the ledger = $21.20
+            assert first["total_cents"] == expected_cents(plan, sum(used_1)) == 2120 == first["ledger_cents"]
             assert store.list_alerts(engine, "invoice_spike") == []  # a first invoice has nothing to rise above
             # customer.subscription.updated (the items' new period): meterline's period follows Stripe's
             wait_for(lambda: as_utc(store.get_customer(engine, "inv-a").period_anchor or now) == month_2,
@@ -87,7 +88,7 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
             wait_for(lambda: len(store.list_alerts(engine, "invoice_spike")) == 1, what="the spike alert")
             [alert] = store.list_alerts(engine, "invoice_spike")
             draft_id = alert.subject_id
-            assert "$20.00 → $50.00" in alert.message and "+150%" in alert.message and alert.customer_id == "inv-a"
+            assert "$21.20 → $50.00" in alert.message and "+135%" in alert.message and alert.customer_id == "inv-a"
             draft = emulator.client().v1.invoices.retrieve(draft_id)
             assert (draft.status, draft.total, draft.auto_advance) == ("draft", 5000, False)  # held
             assert draft.total == expected_cents(plan, 16_000 * CREDIT)
@@ -113,7 +114,7 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
             assert credited.status_code == 200 and credited.json()["amount"] == -500
             refused = api.post(f"/invoices/{first['id']}/credit", json={"usd": "5"})
             assert refused.status_code == 409 and "not a draft" in refused.json()["error"]["message"]
-            assert emulator.client().v1.invoices.retrieve(first["id"]).total == 2000
+            assert emulator.client().v1.invoices.retrieve(first["id"]).total == 2120
 
             assert api.post(f"/invoices/{draft_id}/approve").status_code == 200
             emulator.advance_clock(1)  # released: due, so it finalizes
@@ -129,12 +130,12 @@ def test_a_billing_cycle_the_spike_guard_holds_credit_and_approve(tmp_path, upst
             try:
                 assert cli_main(["invoices", "list", "--json"]) == 0
                 listed = json.loads(capsys.readouterr().out)["invoices"]
-                assert {i["id"]: i["total_cents"] for i in listed} == {first["id"]: 2000, draft_id: 4500}
+                assert {i["id"]: i["total_cents"] for i in listed} == {first["id"]: 2120, draft_id: 4500}
                 assert cli_main(["invoices", "credit", first["id"], "--usd", "1"]) == 2
                 assert "not a draft" in capsys.readouterr().err
             finally:
                 runtime.reset_for_tests()
-            assert emulator.client().v1.invoices.retrieve(first["id"]).total == 2000
+            assert emulator.client().v1.invoices.retrieve(first["id"]).total == 2120
 
             # thin events (event destinations) are read through the SDK just as well
             emulator.set_webhook_mode("thin")

@@ -173,3 +173,22 @@ def test_the_cli_prints_the_run_and_exits_1_on_divergence(reconciling, emulator,
         assert "unknown customer" in capsys.readouterr().err
     finally:
         runtime.reset_for_tests()
+
+
+def test_the_proxy_reconciles_on_its_own_timer(tmp_path, upstream, emulator):
+    """METERLINE_RECONCILE_SECONDS: nobody asks, and the last run appears at GET /reconciliation."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = make_engine(url)
+    env = stripe_env(emulator, METERLINE_RECONCILE_SECONDS="1", METERLINE_RECONCILE_LAG_SECONDS="0")
+    with run_proxy(tmp_path / "proxy", upstream.base_url, url, meterline_yaml=PRICED_YAML, env=env) as proxy, \
+            api(proxy) as client:
+        billed(engine, emulator, "rec-timer", [1_000_000])
+
+        def reconciled() -> bool:
+            answer = client.get("/reconciliation")
+            return answer.status_code == 200 and any(
+                item["customer_id"] == "rec-timer" and item["status"] == "ok" and item["stripe_ucr"] == 1_000_000
+                for item in answer.json()["customers"])
+
+        wait_for(reconciled, timeout=60, what="a timed reconciliation that saw rec-timer")
+    engine.dispose()

@@ -76,6 +76,8 @@ def reconcile(meterline: Meterline, now: datetime, *, which: Which = "current", 
         by_period[period_of(meterline, profile, now, which)].append(profile.customer_id)
     policies = meterline.config.policies
     found: list[CustomerReconciliation] = []
+    compared_from: dict[str, datetime] = {}
+    """Each customer's window start: its alerts are one per customer, *its* period and direction."""
     landed: list[str] = []
     missing: list[str] = []
     windows: list[rules.Window] = []
@@ -86,6 +88,7 @@ def reconcile(meterline: Meterline, now: datetime, *, which: Which = "current", 
         totals = outbox_store.hourly_totals(engine, compared.start, compared.end, customer_id)
         unknown = _unknown_by_hour(outbox_store.unknown_in(engine, compared.start, compared.end, customer_id))
         for customer in customer_ids:
+            compared_from[customer] = compared.start
             stripe_id = stripe_ids.get(customer)
             hours = totals.get(customer, {})
             if not hours and stripe_id is None:
@@ -117,7 +120,7 @@ def reconcile(meterline: Meterline, now: datetime, *, which: Which = "current", 
     reconciliations.save(engine, report, now, scope=customer_id or reconciliations.EVERYONE)
     for diverged in found:
         if diverged.direction is not None:
-            _alert(meterline, diverged, report["period_start"])
+            _alert(meterline, diverged, compared_from[diverged.customer_id].isoformat())
     return Run(report, found, reader.calls, len(landed), resent)
 
 
@@ -183,6 +186,9 @@ class Reconciler:
                 run = reconcile(self._meterline, self._clock())
             except (stripe.StripeError, ConfigError) as problem:  # Stripe away or not set up: the next run tries
                 log.warning("meterline: reconciliation skipped: %s", str(problem).splitlines()[0][:200])
+                continue
+            except Exception as problem:  # a database hiccup must not end the timer for the proxy's lifetime
+                log.error("meterline: reconciliation failed: %s", problem.__class__.__name__)
                 continue
             if run.diverged:
                 log.warning("meterline: reconciliation: %d customer(s) diverged from Stripe", len(run.diverged))
