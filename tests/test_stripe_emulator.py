@@ -187,9 +187,10 @@ def test_invalid_v2_event_is_accepted_then_reported_by_a_signed_webhook(emulator
         {"event_name": EVENT_NAME, "identifier": "mtr_orphan", "payload": {"stripe_customer_id": "cus_gone",
                                                                             "value": "5"}},
     ]})
-    [report] = receiver.events("billing.meter.error_report_triggered")
-    error_type = report.data.object.reason.error_types[0]
-    assert report.data.object.meter == account["meter"].id
+    # Stripe sends meter error reports only as thin events, even to a snapshot endpoint
+    [report] = receiver.notifications(client, "v1.billing.meter.error_report_triggered")
+    assert report.related_object.id == account["meter"].id
+    error_type = report.fetch_event().data.reason.error_types[0]
     assert error_type.code == "meter_event_customer_not_found"
     assert error_type.sample_errors[0].request.identifier == "mtr_orphan"
     log = emulator.meter_event_log()

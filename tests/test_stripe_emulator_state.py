@@ -268,11 +268,17 @@ def test_stream_records_valid_events_skips_duplicates_and_reports_invalid_ones(a
     log = state.meter_event_log()
     assert [event["identifier"] for event in log["events"] if event["source"] == "v2"] == ["ok_0", "ok_1", "ok_2"]
     assert (log["duplicates"], log["rejected"]) == (1, 3)
-    reports = {event["data"]["object"]["meter"]: event["data"]["object"] for event in emitted}
-    assert {event["type"] for event in emitted} == {"billing.meter.error_report_triggered"}
-    assert sorted(error["code"] for error in reports[meter]["reason"]["error_types"]) == [
+    # reported as Stripe does, in thin events only (this state is in snapshot mode), the data fetched by id
+    assert {event["type"] for event in emitted} == {"v1.billing.meter.error_report_triggered",
+                                                    "v1.billing.meter.no_meter_found"}
+    assert all(event["object"] == "v2.core.event" and "data" not in event for event in emitted)
+    reports = {event["type"]: state.store.get("thin_event", event["id"]) for event in emitted}
+    metered = reports["v1.billing.meter.error_report_triggered"]
+    assert metered["related_object"]["id"] == meter
+    assert sorted(error["code"] for error in metered["data"]["reason"]["error_types"]) == [
         "meter_event_customer_not_found", "meter_event_invalid_value"]
-    assert reports[None]["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"] == "no_meter"
+    nameless = reports["v1.billing.meter.no_meter_found"]["data"]
+    assert nameless["reason"]["error_types"][0]["sample_errors"][0]["request"]["identifier"] == "no_meter"
 
 
 def test_stream_refuses_batches_over_100_events_and_bad_timestamps_synchronously(account):

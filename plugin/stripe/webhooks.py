@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-METER_ERROR_REPORT_TYPES = ("billing.meter.error_report_triggered", "v1.billing.meter.error_report_triggered")
+METER_ERROR_REPORT_TYPES = ("billing.meter.error_report_triggered", "v1.billing.meter.error_report_triggered",
+                            "v1.billing.meter.no_meter_found")
+"""Stripe sends the reports as thin events (`v1.`; `no_meter_found` for events naming no meter), the same data."""
 
 
 @dataclass(frozen=True)

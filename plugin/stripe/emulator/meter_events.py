@@ -162,10 +162,10 @@ class MeterEvents:
         """v2: the batch's shape is checked now; each event's content later, as Stripe does.
 
         A shape error refuses the whole batch (400). Otherwise every valid event is recorded (a known
-        identifier is silently skipped) and the invalid ones are reported in one
-        ``billing.meter.error_report_triggered`` event per meter; the caller's answer does not tell. In
-        thin mode they are what Stripe sends: thin ``v1.billing.meter.error_report_triggered`` events, and
-        ``v1.billing.meter.no_meter_found`` for events that named no meter.
+        identifier is silently skipped) and the invalid ones are reported later, as Stripe does, in thin
+        events only (in either webhook mode): one ``v1.billing.meter.error_report_triggered`` per meter,
+        and ``v1.billing.meter.no_meter_found`` for events that named no meter; the caller's answer does
+        not tell.
         """
         params.only("events")
         batch = params.children("events", required=True)
@@ -180,11 +180,8 @@ class MeterEvents:
                 self._ingest(event, "v2", now)
             except EventRejected as error:
                 rejected.append((event, error))
-        for report in error_reports(rejected, now):
-            if self.store.webhook_mode == "thin":
-                self.store.emit_thin(*thin_error_report(report))
-            else:  # the v1 snapshot shape meterline's tests were written against (Stripe sends these thin only)
-                self.store.emit("billing.meter.error_report_triggered", report)
+        for report in error_reports(rejected, now):  # Stripe sends these thin only, whatever else it sends
+            self.store.emit_thin(*thin_error_report(report), always=True)
 
     # -------------------------------------------------------------------------- the rules, for both versions
 

@@ -123,10 +123,12 @@ class Store:
         self._deliver(thin if self.webhook_mode == "thin" else event)
         return event
 
-    def emit_thin(self, thin_type: str, related: dict[str, Any] | None, data: dict[str, Any] | None) -> dict[str, Any]:
-        """A thin-only event (Stripe has no snapshot for it, e.g. meter error reports), delivered in thin mode."""
+    def emit_thin(self, thin_type: str, related: dict[str, Any] | None, data: dict[str, Any] | None, *,
+                  always: bool = False) -> dict[str, Any]:
+        """A thin-only event (Stripe has no snapshot for it): delivered in thin mode, or in any mode with
+        `always` (meter error reports: an endpoint gets them thin whatever else it gets)."""
         thin = self._record_thin(thin_type, related, data=data)
-        if self.webhook_mode == "thin":
+        if always or self.webhook_mode == "thin":
             self._deliver(thin)
         return thin
 
