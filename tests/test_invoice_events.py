@@ -71,3 +71,12 @@ def test_the_guard_alerts_above_half_again_the_previous_total(meterline, draft_t
     assert [alert.subject_id for alert in alerts] == (["in_2"] if spike else [])
     if spike:
         assert "$21.20 → $31.81" in alerts[0].message and alerts[0].customer_id == "acme"
+
+
+def test_a_meter_report_for_events_naming_no_meter_is_read_like_the_others(meterline):
+    report = {"reason": {"error_count": 1, "error_types": [{"code": "no_meter", "sample_errors": [
+        {"error_message": "No active meter was found", "request": {"identifier": "mtr_x"}}]}]}}
+    answer = handle(meterline, event("evt_n", "billing.meter.no_meter_found", report))
+    assert answer == {"received": True, "handled": True, "dead_letters": 0}  # no such event in the outbox
+    [alert] = store.list_alerts(meterline.engine, "meter_error_report")
+    assert "1 invalid meter event(s)" in alert.message and "no_meter" in alert.message

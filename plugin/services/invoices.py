@@ -31,7 +31,11 @@ from plugin.rules.invoices import (
 )
 from plugin.runtime import Meterline, stripe_config
 from plugin.settings import ConfigError
-from plugin.stripe.webhooks import METER_ERROR_REPORT_TYPES, meter_error_report
+from plugin.stripe.webhooks import (
+    METER_ERROR_REPORT_TYPES,
+    is_meter_error_report,
+    meter_error_report,
+)
 
 SPIKE_ALERT = "invoice_spike"
 TOLERANCE_SECONDS = 300
@@ -91,7 +95,7 @@ def handle(meterline: Meterline, event: StripeEvent, client: stripe.StripeClient
 
 
 def _dispatch(meterline: Meterline, event: StripeEvent, client: stripe.StripeClient | None) -> dict[str, Any] | None:
-    if event.type in {kind.removeprefix("v1.") for kind in METER_ERROR_REPORT_TYPES}:
+    if is_meter_error_report(event.type):
         report = meter_error_report(event.raw | {"type": event.type})
         marked = outbox_store.record_sink_rejections(
             meterline.engine, [(sample.identifier, sample.reason()) for sample in report.samples],

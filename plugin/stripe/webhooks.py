@@ -21,6 +21,11 @@ METER_ERROR_REPORT_TYPES = ("billing.meter.error_report_triggered", "v1.billing.
 """Stripe sends the reports as thin events (`v1.`; `no_meter_found` for events naming no meter), the same data."""
 
 
+def is_meter_error_report(event_type: str) -> bool:
+    """Whether an event type is one of the reports, named with or without the thin events' `v1.` prefix."""
+    return event_type.removeprefix("v1.") in {kind.removeprefix("v1.") for kind in METER_ERROR_REPORT_TYPES}
+
+
 @dataclass(frozen=True)
 class RejectedSample:
     identifier: str
@@ -47,7 +52,7 @@ class MeterErrorReport:
 
 def meter_error_report(event: Mapping[str, Any]) -> MeterErrorReport | None:
     """The report in a webhook event, or None when the event is something else."""
-    if event.get("type") not in METER_ERROR_REPORT_TYPES:
+    if not is_meter_error_report(str(event.get("type") or "")):
         return None
     data = event.get("data") or {}
     body = data.get("object") or data  # snapshot events wrap it in `object`; event destinations do not
