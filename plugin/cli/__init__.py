@@ -17,6 +17,7 @@ from plugin.cli import (
     keys,
     ledger,
     limits,
+    migrate,
     reconcile,
     stripe_commands,
     tui,
@@ -27,7 +28,8 @@ from plugin.counters.base import CounterError
 from plugin.ledger import store
 from plugin.settings import ConfigError
 
-GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, invoices, stripe_commands, tui, demo)
+GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, invoices, migrate, stripe_commands, tui,
+          demo)
 
 
 def build_parser() -> Parser:
