@@ -38,8 +38,7 @@ class FleetLine(FleetRow, kw_only=True, gc=False):
     @property
     def faulty(self) -> bool:
         """What "faults only" shows: a breaker not closed, past the included quota, or at its limit."""
-        return self.breaker != "closed" or 0 < self.included_ucr < self.used_ucr or (
-            self.cap_ucr is not None and self.used_ucr >= self.cap_ucr)
+        return self.breaker != "closed" or self.over_quota or self.limit_hit
 
     @property
     def flags(self) -> str:

@@ -123,8 +123,11 @@ def spike_guard(meterline: Meterline, draft: dict[str, Any], client: stripe.Stri
     engine = meterline.engine
     stripe_customer, invoice_id, total = str(draft["customer"]), str(draft["id"]), int(draft["total"])
     previous = invoices.previous_finalized(engine, stripe_customer, invoice_id)
-    previous_total = previous["total_cents"] if previous else _previous_at_stripe(
-        _client(meterline, client), stripe_customer, invoice_id)
+    if previous is None:
+        client = _client(meterline, client)  # built once: the hold below may call Stripe too
+        previous_total = _previous_at_stripe(client, stripe_customer, invoice_id)
+    else:
+        previous_total = previous["total_cents"]
     policies = meterline.config.policies
     if previous_total is None or not is_spike(previous_total, total, policies.invoice_spike_pct):
         return {"spike": False}

@@ -318,13 +318,23 @@ async def control_forget_meter_event(request: Request) -> dict[str, Any]:
     return request.app.state.emulator.forget_meter_event(params.text("identifier", required=True))
 
 
-async def control_summary_lag(request: Request) -> dict[str, Any]:
-    """POST ``{"seconds": N}``: summaries leave out events received less than N s ago; GET shows N."""
-    state: EmulatorState = request.app.state.emulator
-    if request.method == "POST":
-        state.set_summary_lag((await control_body(request)).only("seconds").integer("seconds", required=True,
-                                                                                      minimum=0))
-    return {"seconds": state.summary_lag()}
+def seconds_knob(setting: str, what: str) -> Callable[[Request], Any]:
+    """A control endpoint for one of the state's knobs in seconds: POST ``{"seconds": N}`` sets it (N >= 0)
+    with ``set_<setting>``, GET shows it with ``<setting>()``; both answer ``{"seconds": N}``."""
+
+    async def endpoint(request: Request) -> dict[str, Any]:
+        state: EmulatorState = request.app.state.emulator
+        if request.method == "POST":
+            seconds = (await control_body(request)).only("seconds").integer("seconds", required=True, minimum=0)
+            getattr(state, f"set_{setting}")(seconds)
+        return {"seconds": getattr(state, setting)()}
+
+    endpoint.__doc__ = what
+    return endpoint
+
+
+control_summary_lag = seconds_knob("summary_lag", "Summaries leave out events received less than N s ago.")
+control_invoice_grace = seconds_knob("invoice_grace", "How long a new cycle draft waits before it finalizes itself.")
 
 
 async def control_webhook_deliveries(request: Request) -> dict[str, Any]:
@@ -372,15 +382,6 @@ async def control_webhook_mode(request: Request) -> dict[str, Any]:
     if request.method == "POST":
         state.set_webhook_mode((await control_body(request)).only("mode").text("mode", required=True))
     return {"mode": state.webhook_mode()}
-
-
-async def control_invoice_grace(request: Request) -> dict[str, Any]:
-    """POST ``{"seconds": N}``: how long a new cycle draft waits before it finalizes itself; GET shows N."""
-    state: EmulatorState = request.app.state.emulator
-    if request.method == "POST":
-        state.set_invoice_grace((await control_body(request)).only("seconds").integer("seconds", required=True,
-                                                                                        minimum=0))
-    return {"seconds": state.invoice_grace()}
 
 
 def control_routes() -> list[Route]:
