@@ -56,13 +56,17 @@ def api(proxy) -> httpx.Client:
 
 
 def billed(engine, emulator, customer_id: str, credits_ucr: list[int], *, linked: bool = True) -> list[LedgerRow]:
-    """A customer with ledger rows a few minutes to a few hours old (this month), delivered by the relay."""
+    """A customer with ledger rows (at most 3), each in a clock hour of its own within the last few hours of
+    this month (so an hour's totals are the row's), delivered by the relay."""
     stripe_id = emulator.client().v1.customers.create({"name": customer_id}).id if linked else None
     store.add_customer(engine, customer_id, "pro", stripe_id)
     now = datetime.now(UTC)
     month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    hour_start = now.replace(minute=0, second=0, microsecond=0)
+    assert len(credits_ucr) <= 3
     rows = [LedgerRow(id=f"mtr_{customer_id}_{index}", customer_id=customer_id, model="m", credits_ucr=ucr,
-                      created_at=max(month_start + timedelta(seconds=index), now - timedelta(minutes=150 - 50 * index)))
+                      created_at=max(month_start + timedelta(hours=index, minutes=30),
+                                     hour_start - timedelta(hours=3 - index) + timedelta(minutes=30)))
             for index, ucr in enumerate(credits_ucr)]
     store.write_records(engine, [BillingRecord(row) for row in rows])
     if linked:
