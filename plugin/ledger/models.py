@@ -30,6 +30,17 @@ class Customer(SQLModel, table=True):
     """Where the customer's monthly billing periods start (its subscription's start); None = calendar months."""
     terms: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     """Per-customer terms over the plan's (enterprise deals), as JSON: see plugin.rules.plans.TermsOverride."""
+    grandfathered_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """Kept on its flat plan for good (`meterline migrate grandfather`): metered for visibility, never billed
+    overage, its events never sent to the sink."""
+    flat_usd: str | None = Field(default=None, max_length=32)
+    """The flat monthly price it paid before moving to metered billing (exact decimal string): the
+    first-invoice safety credit compares against it."""
+    scheduled_plan: str | None = Field(default=None, max_length=64)
+    """The plan a Stripe subscription schedule moves it to at its next renewal (`migrate schedule`)."""
+    schedule_id: str | None = Field(default=None, max_length=255)
+    migrated_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    """When Stripe said its scheduled move to metered billing took effect."""
 
 
 class ApiKey(SQLModel, table=True):
@@ -67,6 +78,10 @@ class LedgerEntry(SQLModel, table=True):
     stream: bool = False
     usage_source: str = Field(default="provider", max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_column=_ts())
+    price_version: int | None = Field(default=None, nullable=True)
+    """The pricing changelog's version the row was priced with (None: priced before the changelog existed)."""
+    history: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    """Imported history (`meterline ledger import`): counted like any row, never sent to a sink."""
 
 
 class OutboxEvent(SQLModel, table=True):
@@ -321,3 +336,20 @@ class StripeEventSeen(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=255)
     type: str = Field(max_length=100)
     received_at: datetime = Field(sa_column=_ts())
+
+
+class PricingVersion(SQLModel, table=True):
+    """One entry of the pricing changelog (`meterline pricing change`): the plans and pricing in force
+    from `at`, what changed since the previous version, and why. Version 1 is the baseline."""
+
+    __tablename__ = "pricing_versions"
+
+    version: int = Field(primary_key=True)
+    at: datetime = Field(sa_column=_ts())
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    snapshot: str = Field(sa_column=Column(Text, nullable=False))
+    """meterline.yaml's `pricing`, `prices` and `plans` as canonical JSON (decimal strings): what a
+    reprice rebuilds the version's price book from."""
+    changes: str = Field(sa_column=Column(Text, nullable=False))
+    """JSON list of {field, old, new} since the previous version (empty for the baseline)."""
+    customers_affected: int = 0

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from fractions import Fraction
 
 from plugin.rules.pricing import UCR_PER_CREDIT, divide_half_up, round_half_up
+from plugin.settings import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,18 @@ def project_from_elapsed(used_ucr: int, period_seconds: int, elapsed_seconds: in
     if elapsed_seconds <= 0 or elapsed_seconds >= period_seconds:
         return used_ucr
     return max(used_ucr, divide_half_up(used_ucr * period_seconds, elapsed_seconds))
+
+
+def overage_usd(plan: PlanConfig, used_ucr: int) -> Fraction:
+    """What a period's usage costs past the plan's included quota at its overage price, exactly (0 on a
+    plan that charges no overage). Every report that prices usage (projections, impact, quota
+    suggestions, expected invoices) asks this one function."""
+    if not plan.has_overage:
+        return Fraction(0)
+    over_ucr = max(0, used_ucr - credits_to_ucr(plan.included_credits))
+    return Fraction(over_ucr, UCR_PER_CREDIT) * plan.overage_usd_per_credit
+
+
+def period_usd(plan: PlanConfig, used_ucr: int) -> Fraction:
+    """A period's bill on `plan` for `used_ucr` of usage: the base fee plus the overage, exactly."""
+    return Fraction(plan.base_fee_usd or 0) + overage_usd(plan, used_ucr)

@@ -31,6 +31,10 @@ class LedgerRow:
     saved_ucr: int = 0
     stream: bool = False
     usage_source: str = "provider"
+    price_version: int | None = None
+    """The pricing changelog's version this row was priced with (plugin/services/pricing.py)."""
+    history: bool = False
+    """Imported by `meterline ledger import`: usage from before meterline, never sent to a sink."""
 
 
 @dataclass(frozen=True)
