@@ -35,6 +35,7 @@ from plugin.rules.policy import (
     ask,
     credits_text,
     interpret,
+    plan_max_tokens,
     refusal_message,
 )
 from plugin.rules.ratelimit import RateLimit
@@ -67,9 +68,11 @@ class Admitted:
     hold: Hold | None
     """What the request holds in the counter store (release it if the request fails); None: nothing."""
     max_tokens: int | None = None
-    """Lowered `max_tokens` (clamped to what the customer can still afford); None = as asked."""
+    """Lowered `max_tokens`: the plan's `max_output_tokens`, or what the customer can still afford when that
+    is lower; None = as asked."""
     metered: bool = True
-    """False on a legacy flat-rate plan: the call is in the ledger but never sent to the sink."""
+    """False on a legacy flat-rate plan or for a grandfathered customer (`Meterline.plan_of`): the call is in
+    the ledger but never sent to the sink."""
 
 
 async def profile(meterline: Meterline, customer_id: str) -> Profile | None:
@@ -129,13 +132,15 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     limit = meterline.ceiling_of(known, stale_ok=True)
     period = meterline.period(known, now)
     rate = None if plan.requests_per_minute is None else RateLimit(plan.requests_per_minute)
-    unreserved = Admitted(customer_id, period.start, None, None, metered=plan.metered)
+    max_tokens = plan_max_tokens(asked_max_tokens, plan.max_output_tokens)
+    lowered = None if max_tokens == asked_max_tokens else max_tokens
+    unreserved = Admitted(customer_id, period.start, None, None, lowered, metered=plan.metered)
     if limit is None and rate is None:
         return unreserved
     policies = meterline.config.policies
     account = Account(customer_id, period.start)
     estimate = None if limit is None else _worst_case(
-        meterline, account, model, asked_max_tokens, prompt_tokens, prompt_token_bound, cap_ucr=limit.ucr, now=now,
+        meterline, account, model, max_tokens, prompt_tokens, prompt_token_bound, cap_ucr=limit.ucr, now=now,
         from_slice=rate is None)
     request = None if estimate is None else ask(estimate, policies.min_output_tokens)
     try:
@@ -166,7 +171,8 @@ async def admit(meterline: Meterline, customer_id: str, request_id: str, *, mode
     if not decision.admit:
         raise Refused(402, decision.reason, refusal_message(decision.reason, limit, known.plan, period.end,
                                                             detail=policies.refusal_detail))
-    return Admitted(customer_id, period.start, limit.ucr, hold, decision.max_tokens, metered=plan.metered)
+    return Admitted(customer_id, period.start, limit.ucr, hold, lowered if decision.max_tokens is None else
+                    decision.max_tokens, metered=plan.metered)
 
 
 def _worst_case(meterline: Meterline, account: Account, model: str, asked_max_tokens: int | None,

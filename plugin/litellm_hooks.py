@@ -52,6 +52,11 @@ log = logging.getLogger("meterline")
 
 MAX_TOKENS_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 """Where clients put their output limit: chat (old and new name) and the Responses API."""
+OUTPUT_LIMIT_KEY = {"acompletion": "max_tokens", "completion": "max_tokens", "atext_completion": "max_tokens",
+                    "text_completion": "max_tokens", "aresponses": "max_output_tokens",
+                    "responses": "max_output_tokens"}
+"""The key a lowered limit is written to when the request set none, by LiteLLM call type; a call type not
+here produces no output tokens (embeddings, moderation, ...) and is never given one."""
 
 STATE_KEY = "meterline"
 """Per-request state, kept in LiteLLM's own metadata field (which LiteLLM never sends upstream)."""
@@ -155,7 +160,7 @@ class MeterlineLogger(CustomLogger):
             "member": member, "action": action,
         }
         with metrics.ADMISSION_SECONDS.time():
-            await _reserve(meterline, data, state)
+            await _reserve(meterline, data, state, call_type)
         return data
 
     async def async_post_call_failure_hook(self, request_data: dict, original_exception, user_api_key_dict,
@@ -292,9 +297,9 @@ async def _settle(
 # ------------------------------------------------------------------------------ limits
 
 
-async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> None:
+async def _reserve(meterline: runtime.Meterline, data: dict, state: dict, call_type: str) -> None:
     """Admit the request (plugin.admission): refuse it, or let it through, its max_tokens lowered
-    to what the customer can still afford."""
+    to its plan's output ceiling or to what the customer can still afford."""
     asked = next((data[key] for key in MAX_TOKENS_KEYS if isinstance(data.get(key), int) and data[key] > 0), None)
     try:
         admitted = await admission.admit(
@@ -305,7 +310,8 @@ async def _reserve(meterline: runtime.Meterline, data: dict, state: dict) -> Non
     except admission.Refused as refused:
         raise _refuse(refused.reason, refused.message, refused.status, refused.retry_after) from None
     if admitted.max_tokens is not None:
-        for key in [key for key in MAX_TOKENS_KEYS if key in data] or ["max_tokens"]:
+        absent = [OUTPUT_LIMIT_KEY[call_type]] if call_type in OUTPUT_LIMIT_KEY else []
+        for key in [key for key in MAX_TOKENS_KEYS if key in data] or absent:
             data[key] = admitted.max_tokens
     hold = admitted.hold
     state["admitted"] = {"period": admitted.period_start.isoformat(), "cap": admitted.cap_ucr,

@@ -131,8 +131,10 @@ def build_sink(settings: Settings, config: MeterlineConfig) -> Sink | None:
     return None
 
 
-def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[str, object]] | None = None) -> PriceBook:
-    """meterline.yaml's rules and prices, with LiteLLM's model_cost as the fallback price table."""
+def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[str, object]] | None = None,
+                     version: int | None = None) -> PriceBook:
+    """meterline.yaml's rules and prices, with LiteLLM's model_cost as the fallback price table; `version`:
+    the pricing changelog's entry they are, stamped on every row priced with the book."""
     pricing = config.pricing
     cache_hits = config.policies.cache_hits
     return PriceBook(
@@ -141,6 +143,7 @@ def build_price_book(config: MeterlineConfig, model_cost: Mapping[str, Mapping[s
         rules={model: _rule(pricing, override) for model, override in pricing.models.items()},
         prices={model: _provider_price(price) for model, price in config.prices.items()},
         model_cost=model_cost or {},
+        version=version,
     )
 
 
@@ -166,8 +169,19 @@ class Meterline:
         return make_engine(self.settings.database_url)
 
     @cached_property
+    def price_version(self) -> int:
+        """The pricing changelog's version of the running meterline.yaml, recorded when the newest entry is
+        not it (plugin/services/pricing.py). Settled once per process (at start-up in the proxy): each
+        ledger row then names its version at the cost of a field read."""
+        from plugin.services.pricing import (
+            running_version,  # the service builds on this module
+        )
+
+        return running_version(self.engine, self.config, self.clock())
+
+    @cached_property
     def price_book(self) -> PriceBook:
-        return build_price_book(self.config, self.model_cost)
+        return build_price_book(self.config, self.model_cost, version=self.price_version)
 
     @cached_property
     def directory(self) -> Directory:
@@ -262,9 +276,12 @@ class Meterline:
 
     def plan_of(self, customer: Profile) -> PlanConfig:
         """The customer's plan with its own terms over it. An unknown plan name (removed from
-        meterline.yaml) is treated as a plan with nothing included and no limit, never as free."""
+        meterline.yaml) is treated as a plan with nothing included and no limit, never as free.
+        A grandfathered customer's plan is unmetered whatever meterline.yaml says: in the ledger, never sent
+        to the sink, never billed or blocked for overage (its plan's cap and its own hard limit still hold)."""
         plan = self.config.plans.get(customer.plan, _NO_PLAN)
-        return plan if customer.terms is None else customer.terms.apply(plan)
+        plan = plan if customer.terms is None else customer.terms.apply(plan)
+        return plan if customer.grandfathered_at is None else plan.model_copy(update={"metered": False})
 
     def ceiling_of(self, customer: Profile, *, stale_ok: bool = False) -> Ceiling | None:
         """The most the customer may be billed this period (plan cap, hard limit, overage blocks).
@@ -308,6 +325,7 @@ class Meterline:
             self._checkpointer = WalCheckpointer(self.engine)
             self._checkpointer.start()
         self.writer  # noqa: B018  (cached_property: the access is the point)
+        self.price_version  # noqa: B018  (recorded now, not on the first request)
         if self.settings.relay and self._relay_thread is None and (sink := self.sink()) is not None:
             self._relay_thread = RelayThread(self.relay(sink))
             self._relay_thread.start()

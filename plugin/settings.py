@@ -24,6 +24,8 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -128,6 +130,21 @@ class PriceConfig(_Strict):
     image_input: NonNegative | None = None
 
 
+class OverageTier(_Strict):
+    """One step of graduated overage: credits past the included quota up to `up_to_credits` (cumulative,
+    counted from the quota) cost `usd_per_credit` each; the last tier has no bound."""
+
+    up_to_credits: Positive | None = None
+    usd_per_credit: NonNegative
+
+    @field_validator("up_to_credits")
+    @classmethod
+    def _whole_micro_credits(cls, value: Fraction | None) -> Fraction | None:
+        if value is not None and (value * 1_000_000).denominator != 1:
+            raise ValueError("at most 6 decimal places (whole micro-credits)")
+        return value
+
+
 class PlanConfig(_Strict):
     """A plan: what is included, what is capped, and what Stripe charges (`meterline stripe setup`)."""
 
@@ -137,16 +154,45 @@ class PlanConfig(_Strict):
     """Flat monthly fee; None = no base price at Stripe."""
     overage_usd_per_credit: NonNegative | None = None
     """Price of each credit past `included_credits`; None = no metered price at Stripe."""
+    overage_tiers: tuple[OverageTier, ...] | None = Field(default=None, min_length=1, max_length=20)
+    """Graduated overage instead of one rate (volume discounts): each tier prices the credits that fall in
+    it. Exclusive with `overage_usd_per_credit`."""
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Most output tokens one request may ask for: a larger max_tokens is lowered to it and a request without
+    one is given it, so no runaway output eats the margin. None = no ceiling."""
     metered: bool = True
     """False for legacy flat-rate plans: calls are still in the ledger (margin review) but never
     reported to the sink, so they are never billed for overage."""
     requests_per_minute: int | None = Field(default=None, ge=1, le=10_000_000)
     """Sliding-window rate limit per customer; None = none."""
 
+    @field_validator("overage_tiers")
+    @classmethod
+    def _graduated(cls, tiers: tuple[OverageTier, ...] | None) -> tuple[OverageTier, ...] | None:
+        """Bounds strictly ascending, every tier bounded but the last, which is not: each credit past the
+        quota falls in exactly one tier."""
+        if tiers is None:
+            return None
+        if tiers[-1].up_to_credits is not None:
+            raise ValueError("the last tier must have no up_to_credits (it prices every credit beyond)")
+        for index, tier in enumerate(tiers[:-1]):
+            if tier.up_to_credits is None:
+                raise ValueError(f"tier {index + 1} needs up_to_credits: only the last tier is unbounded")
+            if index and tier.up_to_credits <= tiers[index - 1].up_to_credits:
+                raise ValueError(f"tier {index + 1}: up_to_credits must be above the previous tier's "
+                                 f"({decimal_text(tiers[index - 1].up_to_credits)}); bounds are cumulative")
+        return tiers
+
+    @model_validator(mode="after")
+    def _one_overage_price(self) -> PlanConfig:
+        if self.overage_tiers is not None and self.overage_usd_per_credit is not None:
+            raise ValueError("set overage_usd_per_credit or overage_tiers, not both")
+        return self
+
     @property
     def has_overage(self) -> bool:
         """Whether credits past the included quota are charged (what an overage block can stop)."""
-        return self.metered and self.overage_usd_per_credit is not None
+        return self.metered and (self.overage_usd_per_credit is not None or self.overage_tiers is not None)
 
 
 class TermsOverride(_Strict):
@@ -163,7 +209,11 @@ class TermsOverride(_Strict):
         return {name: getattr(self, name) for name in type(self).model_fields if getattr(self, name) is not None}
 
     def apply(self, plan: PlanConfig) -> PlanConfig:
-        return plan.model_copy(update=self.given())
+        """The plan under these terms; an agreed flat overage rate replaces the plan's overage tiers."""
+        given = self.given()
+        if "overage_usd_per_credit" in given:
+            given["overage_tiers"] = None
+        return plan.model_copy(update=given)
 
     def merged(self, newer: TermsOverride) -> TermsOverride:
         """These terms with the fields `newer` sets replaced."""
@@ -230,6 +280,9 @@ class PoliciesConfig(_Strict):
     """A draft invoice more than this many percent above the customer's previous finalized one is a spike."""
     invoice_spike_action: Literal["alert", "hold"] = "alert"
     """`hold` also stops the draft from finalizing (auto_advance off) until `meterline invoices approve`."""
+    safety_credit_pct: Positive = Fraction(110)
+    """A customer moved to metered billing (`meterline migrate schedule`) pays at most this percent of its old
+    flat price on its first metered invoice: a draft above it gets a credit for the difference. Exact ("112.5")."""
 
 
 class StripeBillingConfig(_Strict):

@@ -64,6 +64,8 @@ class FleetRow(msgspec.Struct, kw_only=True, gc=False):
     block_overage: bool
     alerts_open: int
     hourly_ucr: tuple[int, ...]
+    grandfathered_at: str | None = None
+    """Kept on its flat plan for good (`meterline migrate grandfather`): never billed overage. None: not."""
 
 
 Row = TypeVar("Row", bound=FleetRow)

@@ -42,8 +42,10 @@ class FleetLine(FleetRow, kw_only=True, gc=False):
 
     @property
     def flags(self) -> str:
-        """L: at its hard limit or cap · Q: past its included quota · B: overage blocked."""
-        return ("L" if self.limit_hit else "") + ("Q" if self.over_quota else "") + ("B" if self.block_overage else "")
+        """L: at its hard limit or cap · Q: past its included quota · B: overage blocked · G: grandfathered on its
+        flat plan (never billed overage, so never B either: three letters at most)."""
+        return ("L" if self.limit_hit else "") + ("Q" if self.over_quota else "") + (
+            "B" if self.block_overage else "G" if self.grandfathered_at is not None else "")
 
 
 def mark_moves(previous: Iterable[FleetLine], lines: Iterable[FleetLine]) -> None:

@@ -14,7 +14,7 @@ from fractions import Fraction
 from html import escape
 from typing import Any
 
-from plugin.rules.policy import credits_grouped, credits_text
+from plugin.rules.policy import credits_grouped, credits_text, usd_text
 from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.rules.usage import top_actions
 
@@ -71,6 +71,39 @@ def _headline(report: Mapping[str, Any]) -> str:
  aria-valuemax="100" aria-valuenow="{width}"><div class="fill" style="width:{width}%"></div></div>
 <p class="pct"><span id="included-pct">{escape(_pct(share))}</span> of included</p>
 <p id="projected-usd" class="projection">{projected}</p>
+</section>"""
+
+
+def _rates(report: Mapping[str, Any]) -> str:
+    """What a credit past the included quota costs: one sentence for a flat rate; for graduated tiers a
+    table with the tier the next credit falls in marked. Empty on a plan that charges no overage."""
+    rates, included = report.get("overage_rates") or [], report["included_ucr"]
+    if not rates:
+        return ""
+    if len(rates) == 1:
+        usd = usd_text(Fraction(Decimal(rates[0]["usd_per_credit"])))
+        return f'<p id="overage-rates" class="hint">Past the included credits: {escape(usd)} per credit.</p>'
+    rows = []
+    for rate in rates:
+        low, high = rate["from_ucr"] - included, rate["up_to_ucr"]
+        if high is None:
+            span = f"Beyond {credits_grouped(low)}"
+        else:
+            span = f"First {credits_grouped(high - included)}" if low == 0 else \
+                f"{credits_grouped(low)} to {credits_grouped(high - included)}"
+        current = ' class="current" aria-current="true"' if rate["current"] else ""
+        span += " (current)" if rate["current"] else ""
+        usd = usd_text(Fraction(Decimal(rate["usd_per_credit"])))
+        rows.append(f'<tr{current}><td>{escape(span)}</td><td class="num">{escape(usd)}</td></tr>')
+    body = "\n".join(rows)
+    return f"""<section aria-labelledby="rates-label">
+<h2 id="rates-label">Overage rates</h2>
+<table id="overage-rates">
+<thead><tr><th scope="col">Credits past included</th><th scope="col" class="num">Per credit</th></tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
 </section>"""
 
 
@@ -238,6 +271,7 @@ th, td { padding: 6px 4px; border-bottom: 1px solid var(--line); text-align: lef
 th { font-size: .85rem; color: var(--muted); font-weight: 550; }
 td.name { overflow-wrap: anywhere; }
 .num { text-align: right; white-space: nowrap; }
+tr.current td { font-weight: 650; background: var(--soft); }
 .empty { color: var(--muted); }
 form { display: grid; gap: 6px; max-width: 480px; }
 label { font-weight: 550; margin-top: 8px; }
@@ -274,6 +308,7 @@ def render_page(report: Mapping[str, Any], *, form_action: str, notice: str | No
 <main>
 <header><h1>Usage</h1><p class="meta">{escape(meta)}</p></header>
 {_headline(report)}
+{_rates(report)}
 {_chart(report)}
 {_tables(report)}
 {_form(report, form_action, notice, error, typed)}

@@ -18,6 +18,7 @@ from plugin.cli import (
     ledger,
     limits,
     migrate,
+    pricing,
     reconcile,
     stripe_commands,
     tui,
@@ -28,8 +29,8 @@ from plugin.counters.base import CounterError
 from plugin.ledger import store
 from plugin.settings import ConfigError
 
-GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, invoices, migrate, stripe_commands, tui,
-          demo)
+GROUPS = (customers, keys, usage, limits, ledger, delivery, reconcile, invoices, migrate, pricing, stripe_commands,
+          tui, demo)
 
 
 def build_parser() -> Parser:

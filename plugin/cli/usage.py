@@ -26,7 +26,8 @@ def cmd_usage(args, out: TextIO) -> None:
 
 def usage_lines(report: dict) -> list[str]:
     """What `meterline usage ID` prints: used against included, the projection in dollars, top actions."""
-    lines = [f"customer  {report['customer_id']} (plan {report['plan']})",
+    grandfathered = f", grandfathered since {report['grandfathered_at'][:10]}" if report["grandfathered_at"] else ""
+    lines = [f"customer  {report['customer_id']} (plan {report['plan']}{grandfathered})",
              f"period    {report['period_start'][:10]} .. {report['period_end'][:10]} (UTC)"]
     used = f"used      {credits_grouped(report['used_ucr'])} credits in {report['requests']} requests"
     if report["included_pct"] is not None:

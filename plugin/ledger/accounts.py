@@ -51,6 +51,9 @@ class Profile:
     limits: Limits
     breaker: BreakerState
     created_at: datetime
+    grandfathered_at: datetime | None = None
+    """Kept on its flat plan for good (`meterline migrate grandfather`): `Meterline.plan_of` makes its plan
+    unmetered, so it is never billed overage and its calls never reach the sink."""
 
 
 def _limits(row: CustomerLimits | None) -> Limits:
@@ -89,10 +92,12 @@ def load_profile(engine: Engine, customer_id: str) -> Profile | None:
             limits=_limits(session.get(CustomerLimits, customer_id)),
             breaker=_breaker(session.get(BreakerRow, customer_id)),
             created_at=as_utc(customer.created_at),
+            grandfathered_at=None if customer.grandfathered_at is None else as_utc(customer.grandfathered_at),
         )
 
 
-_CUSTOMER_COLUMNS = (Customer.id, Customer.plan, Customer.terms, Customer.period_anchor, Customer.created_at)
+_CUSTOMER_COLUMNS = (Customer.id, Customer.plan, Customer.terms, Customer.period_anchor, Customer.created_at,
+                     Customer.grandfathered_at)
 _LIMIT_COLUMNS = (CustomerLimits.soft_thresholds_pct, CustomerLimits.hard_limit_ucr, CustomerLimits.hard_limit_usd,
                   CustomerLimits.block_overage, CustomerLimits.notify_email, CustomerLimits.notify_webhook_url)
 _BREAKER_COLUMNS = (BreakerRow.status, BreakerRow.since, BreakerRow.reason, BreakerRow.by, BreakerRow.trickle_started,
@@ -124,7 +129,7 @@ def profile_rows(engine: Engine, *, exact: str | None = None) -> list[tuple]:
 
 def profile_from(row: tuple) -> Profile:
     """A Profile from one of `profile_rows`' rows."""
-    (customer_id, plan, terms, anchor, created_at, soft, hard_ucr, hard_usd, block, email, webhook,
+    (customer_id, plan, terms, anchor, created_at, grandfathered_at, soft, hard_ucr, hard_usd, block, email, webhook,
      status, since, reason, by, trickle_started, trickle_used) = row
     limits = NO_LIMITS if (soft, hard_ucr, hard_usd, block, email, webhook) == (None,) * 6 else Limits(
         soft_thresholds_pct=None if soft is None else tuple(json.loads(soft)), hard_limit_ucr=hard_ucr,
@@ -136,7 +141,8 @@ def profile_from(row: tuple) -> Profile:
     return Profile(customer_id=customer_id, plan=plan,
                    terms=None if not terms else TermsOverride.model_validate_json(terms),
                    period_anchor=None if anchor is None else as_utc(anchor), limits=limits, breaker=breaker,
-                   created_at=as_utc(created_at))
+                   created_at=as_utc(created_at),
+                   grandfathered_at=None if grandfathered_at is None else as_utc(grandfathered_at))
 
 
 # ---------------------------------------------------------------- limits

@@ -41,6 +41,8 @@ class Customer(SQLModel, table=True):
     schedule_id: str | None = Field(default=None, max_length=255)
     migrated_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     """When Stripe said its scheduled move to metered billing took effect."""
+    first_metered_invoice: str | None = Field(default=None, max_length=255)
+    """The first invoice of its metered billing: the one the safety credit looked at (once, credit or not)."""
 
 
 class ApiKey(SQLModel, table=True):

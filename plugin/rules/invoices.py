@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from fractions import Fraction
 
-from plugin.rules.plans import credits_to_ucr
+from plugin.rules.plans import overage_by_band
 from plugin.rules.pricing import round_half_up
-from plugin.rules.usage import overage_ucr
 from plugin.settings import PlanConfig
 
 
@@ -52,9 +51,7 @@ def top_names(totals: Mapping[str, int], count: int = 3) -> list[str]:
 
 def expected_cents(plan: PlanConfig, used_ucr: int) -> int:
     """What the ledger says a period's invoice should total, in cents: the base fee plus the overage at
-    the plan's rate, each line rounded half up to a cent as Stripe rounds invoice lines."""
+    the plan's rate, each line rounded half up to a cent as Stripe rounds invoice lines. A graduated price
+    is billed as one line per tier, so each tier's part is rounded on its own."""
     base = round_half_up(Fraction(plan.base_fee_usd or 0) * 100)
-    if not plan.has_overage:
-        return base
-    over = Fraction(overage_ucr(used_ucr, credits_to_ucr(plan.included_credits)), 1_000_000)
-    return base + round_half_up(over * plan.overage_usd_per_credit * 100)
+    return base + sum(round_half_up(part * 100) for part in overage_by_band(plan, used_ucr))

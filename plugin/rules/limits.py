@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from math import floor
 
-from plugin.rules.plans import credits_to_ucr
+from plugin.rules.plans import credits_to_ucr, overage_bands
 from plugin.rules.policy import Ceiling, ceiling
 from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.settings import PlanConfig
@@ -40,13 +40,21 @@ NO_LIMITS = Limits()
 
 
 def usd_limit_as_ucr(limit_usd: Fraction, plan: PlanConfig) -> int | None:
-    """The usage at which the overage charge reaches `limit_usd`: the included quota plus what the
-    money buys at the overage rate, rounded down (the charge never passes the limit). None when the
-    plan charges nothing for usage, so a currency limit can never be reached."""
-    rate = plan.overage_usd_per_credit
-    if not plan.has_overage or not rate:
-        return None
-    return credits_to_ucr(plan.included_credits) + floor(limit_usd / rate * UCR_PER_CREDIT)
+    """The usage at which the overage charge reaches `limit_usd` (the inverse of `overage_usd`): the
+    included quota plus what the money buys at each tier's rate in turn, rounded down (the charge never
+    passes the limit). None when the charge can never reach it: the plan charges nothing for usage, or
+    its last tier is free."""
+    left = limit_usd
+    for band in overage_bands(plan):
+        if band.usd_per_credit == 0:
+            if band.to_ucr is None:
+                return None
+            continue
+        affordable = floor(left / band.usd_per_credit * UCR_PER_CREDIT)
+        if band.to_ucr is None or band.from_ucr + affordable < band.to_ucr:
+            return band.from_ucr + affordable
+        left -= Fraction(band.to_ucr - band.from_ucr, UCR_PER_CREDIT) * band.usd_per_credit
+    return None
 
 
 def effective_ceiling(plan: PlanConfig, limits: Limits, *, global_overage_block: bool) -> Ceiling | None:

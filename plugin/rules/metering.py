@@ -115,6 +115,7 @@ def bill(call: FinishedCall, book: PriceBook) -> BillingRecord:
         stream=call.stream,
         usage_source=call.usage_source,
         created_at=call.finished_at,
+        price_version=book.version,
     )
     alert = None
     if not call.cache_hit and call.usage.total_tokens > 0 and credits == 0:

@@ -68,14 +68,65 @@ def project_from_elapsed(used_ucr: int, period_seconds: int, elapsed_seconds: in
     return max(used_ucr, divide_half_up(used_ucr * period_seconds, elapsed_seconds))
 
 
+@dataclass(frozen=True)
+class OverageBand:
+    """One overage rate over a stretch of a period's usage, in µcr counted from zero (the included quota
+    first): usage above `from_ucr` and up to `to_ucr` (inclusive, as Stripe's `up_to`) costs this rate."""
+
+    from_ucr: int
+    to_ucr: int | None
+    """None: no bound (the last band)."""
+    usd_per_credit: Fraction
+
+    def units(self, used_ucr: int) -> int:
+        """How much of `used_ucr` falls in this band."""
+        top = used_ucr if self.to_ucr is None else min(used_ucr, self.to_ucr)
+        return max(0, top - self.from_ucr)
+
+
+def overage_bands(plan: PlanConfig) -> tuple[OverageBand, ...]:
+    """The overage the plan charges as graduated bands of usage (see `price_bands`); none on a plan that
+    charges no overage (no price, or a legacy plan that is never billed for it)."""
+    return price_bands(plan) if plan.has_overage else ()
+
+
+def price_bands(plan: PlanConfig) -> tuple[OverageBand, ...]:
+    """The plan's overage price as configured, as graduated bands of usage: one band from the included quota
+    up for a flat rate, one per tier for `overage_tiers`. The Stripe price (made for legacy plans too), the
+    invoice maths and the currency-limit inverse all read these bands."""
+    if plan.overage_usd_per_credit is None and plan.overage_tiers is None:
+        return ()
+    included = credits_to_ucr(plan.included_credits)
+    if plan.overage_tiers is None:
+        return (OverageBand(included, None, plan.overage_usd_per_credit),)
+    bands, start = [], included
+    for tier in plan.overage_tiers:
+        end = None if tier.up_to_credits is None else included + credits_to_ucr(tier.up_to_credits)
+        bands.append(OverageBand(start, end, tier.usd_per_credit))
+        start = end
+    return tuple(bands)
+
+
+def overage_by_band(plan: PlanConfig, used_ucr: int) -> list[Fraction]:
+    """What each band charges for a period's `used_ucr`, exactly, in band order: the parts Stripe bills (and
+    rounds) as separate lines of a graduated price."""
+    return [Fraction(band.units(used_ucr), UCR_PER_CREDIT) * band.usd_per_credit for band in overage_bands(plan)]
+
+
+def current_band(plan: PlanConfig, used_ucr: int) -> int | None:
+    """The index of the band the period's next credit is priced in; None while usage is below the included
+    quota (or on a plan without overage)."""
+    for index, band in enumerate(overage_bands(plan)):
+        if used_ucr >= band.from_ucr and (band.to_ucr is None or used_ucr < band.to_ucr):
+            return index
+    return None
+
+
 def overage_usd(plan: PlanConfig, used_ucr: int) -> Fraction:
-    """What a period's usage costs past the plan's included quota at its overage price, exactly (0 on a
-    plan that charges no overage). Every report that prices usage (projections, impact, quota
-    suggestions, expected invoices) asks this one function."""
-    if not plan.has_overage:
-        return Fraction(0)
-    over_ucr = max(0, used_ucr - credits_to_ucr(plan.included_credits))
-    return Fraction(over_ucr, UCR_PER_CREDIT) * plan.overage_usd_per_credit
+    """What a period's usage costs past the plan's included quota at its overage price (graduated across
+    its tiers), exactly (0 on a plan that charges no overage). Every report that prices usage
+    (projections, impact, quota suggestions, expected invoices, previews) asks this one function."""
+    return sum(overage_by_band(plan, used_ucr), Fraction(0))
 
 
 def period_usd(plan: PlanConfig, used_ucr: int) -> Fraction:

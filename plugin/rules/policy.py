@@ -79,6 +79,18 @@ class Estimate:
         return ceil(self.prompt_ucr + output_tokens * self.ucr_per_output_token)
 
 
+def plan_max_tokens(asked_max_tokens: int | None, plan_max_output_tokens: int | None) -> int | None:
+    """The output limit a request runs with under its plan's `max_output_tokens`: what it asked, lowered to
+    the ceiling, or the ceiling when it asked none (margin protection against runaway outputs). None: the
+    plan has no ceiling and the request set no limit. The affordability clamp (`interpret`) works from
+    this value, so the lower of the two wins."""
+    if plan_max_output_tokens is None:
+        return asked_max_tokens
+    if asked_max_tokens is None:
+        return plan_max_output_tokens
+    return min(asked_max_tokens, plan_max_output_tokens)
+
+
 SPARE_SHARE = 4
 """A spare (budget held for a process's next requests) never takes more than 1/SPARE_SHARE of what
 is left under the ceiling: near the ceiling processes stop holding budget for later and reserve

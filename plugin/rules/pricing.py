@@ -289,6 +289,9 @@ class PriceBook:
     """What a cache hit costs (policy `cache_hits`): 0 when free, else a flat fee."""
     prices: Mapping[str, ProviderPrice] = field(default_factory=dict)
     model_cost: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    version: int | None = None
+    """The pricing changelog's version these rules are (plugin/services/pricing.py): every ledger row
+    priced with the book records it. None: not recorded (a book built outside a running meterline)."""
     _converted: dict[str, ProviderPrice | None] = field(default_factory=dict, repr=False)
     _linear: dict[tuple[str, str | None], LinearPrice] = field(default_factory=dict, repr=False)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from plugin.rules.plans import credits_to_ucr
+from plugin.rules.plans import current_band, overage_bands, overage_usd
 from plugin.rules.policy import usd_text
 from plugin.rules.pricing import divide_half_up
-from plugin.settings import PlanConfig
+from plugin.settings import PlanConfig, decimal_text
 
 TOP_ACTIONS = 10
 OTHER = "(other)"
@@ -31,11 +31,8 @@ def overage_ucr(used_ucr: int, included_ucr: int) -> int:
 
 
 def _overage_amount(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> Fraction:
-    """The projected overage at the plan's rate, never past the ceiling (nothing is billed beyond it)."""
-    if not plan.has_overage:
-        return Fraction(0)
-    billable = projected_ucr if cap_ucr is None else min(projected_ucr, cap_ucr)
-    return Fraction(overage_ucr(billable, credits_to_ucr(plan.included_credits)), 1_000_000) * plan.overage_usd_per_credit
+    """The projected overage at the plan's rate (or tiers), never past the ceiling (nothing is billed beyond it)."""
+    return overage_usd(plan, projected_ucr if cap_ucr is None else min(projected_ucr, cap_ucr))
 
 
 def projected_overage_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
@@ -46,6 +43,16 @@ def projected_overage_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | N
 def projected_usd(plan: PlanConfig, projected_ucr: int, cap_ucr: int | None) -> str:
     """What the period's invoice is on track for: the base fee plus the projected overage."""
     return dollars(Fraction(plan.base_fee_usd or 0) + _overage_amount(plan, projected_ucr, cap_ucr))
+
+
+def overage_rates(plan: PlanConfig, used_ucr: int) -> list[dict]:
+    """The plan's overage price as the usage report shows it: one row per tier (one for a flat rate),
+    `from_ucr` exclusive and `up_to_ucr` inclusive (null: no bound) in µcr of the period's usage, the rate a
+    decimal string in dollars per credit, and `current` on the tier the next credit is priced in; empty
+    when the plan charges no overage."""
+    now = current_band(plan, used_ucr)
+    return [{"from_ucr": band.from_ucr, "up_to_ucr": band.to_ucr, "usd_per_credit": decimal_text(band.usd_per_credit),
+             "current": index == now} for index, band in enumerate(overage_bands(plan))]
 
 
 def top_actions(by_action: dict[str, int], limit: int = TOP_ACTIONS) -> list[dict]:

@@ -106,6 +106,7 @@ def fleet_row(terms: _Terms, period: Period, usage: Snapshot, alerts_open: int) 
     return {
         "customer_id": customer_id,
         "plan": profile.plan,
+        "grandfathered_at": None if profile.grandfathered_at is None else profile.grandfathered_at.isoformat(),
         "used_ucr": used,
         "included_ucr": terms.included_ucr,
         "included_pct": pct(used, terms.included_ucr),

@@ -3,9 +3,11 @@ the webhook route, `GET /invoices`, `meterline invoices ...` and the console sha
 
 - Reading an event, snapshot (`stripe.Webhook`-signed `event`) or thin (`v2.core.event`, which only
   names its object: the SDK fetches it), into one `StripeEvent`; each event id is acted on once.
-- `invoice.created`: the spike guard (an alert, and with `hold` the draft stops finalizing).
+- `invoice.created`: a migrated customer's first-invoice safety credit (plugin/services/plan_moves.py),
+  then the spike guard on what is billed (an alert, and with `hold` the draft stops finalizing).
 - `invoice.finalized`: recorded, for the guard's next comparison and for the invoices list.
-- `customer.subscription.updated`: the customer's billing period and plan follow Stripe's.
+- `customer.subscription.updated`: the customer's billing period and plan follow Stripe's (and a scheduled
+  move to a metered plan is recorded as done).
 - Meter error reports: v2-stream events Stripe rejected after accepting them become dead letters.
 """
 
@@ -30,6 +32,7 @@ from plugin.rules.invoices import (
     top_names,
 )
 from plugin.runtime import Meterline, stripe_config
+from plugin.services import plan_moves
 from plugin.settings import ConfigError
 from plugin.stripe.webhooks import (
     METER_ERROR_REPORT_TYPES,
@@ -102,8 +105,12 @@ def _dispatch(meterline: Meterline, event: StripeEvent, client: stripe.StripeCli
             alert_kind="meter_error_report", alert_subject=report.event_id or event.id,
             alert_message=report.alert_message())
         return {"dead_letters": marked}
-    if event.type == "invoice.created":
-        return spike_guard(meterline, event.object, client)
+    if event.type == "invoice.created":  # a migrated customer's safety credit first: the guard sees what is billed
+        credited = plan_moves.safety_credit(meterline, event.object, client)
+        draft = event.object
+        if credited.get("safety_credit_cents"):
+            draft = draft | {"total": int(draft["total"]) - credited["safety_credit_cents"]}
+        return credited | spike_guard(meterline, draft, client)
     if event.type == "invoice.finalized":
         record_finalized(meterline, event.object)
         return {"recorded": event.object.get("id")}
@@ -208,7 +215,8 @@ def follow_subscription(meterline: Meterline, subscription: dict[str, Any]) -> d
     start = items[0].get("current_period_start")
     accounts.set_terms(meterline.engine, customer_id, plan=plan, period_anchor=_moment(start) if start else None)
     meterline.directory.forget(customer_id)  # this process sees the new period and plan at once
-    return {"followed": True, "plan": plan}
+    moved = plan_moves.arrived(meterline, customer_id, plan, _moment(start) if start else None)
+    return {"followed": True, "plan": plan} | ({"migrated": True} if moved else {})
 
 
 def approve(meterline: Meterline, invoice_id: str, client: stripe.StripeClient | None = None) -> dict[str, Any]:

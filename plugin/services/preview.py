@@ -3,7 +3,6 @@ current counters (read, never reserved)."""
 
 from __future__ import annotations
 
-from fractions import Fraction
 from typing import Any
 
 from plugin.admission import breaker_message
@@ -11,9 +10,16 @@ from plugin.counters.base import Account
 from plugin.ledger.accounts import Profile
 from plugin.rules.breaker import BreakerStatus
 from plugin.rules.limits import next_threshold, soft_limit_base_ucr, threshold_ucr
-from plugin.rules.plans import credits_to_ucr
-from plugin.rules.policy import Refusal, decide, refusal_message, usd_text
+from plugin.rules.plans import overage_usd
+from plugin.rules.policy import (
+    Refusal,
+    decide,
+    plan_max_tokens,
+    refusal_message,
+    usd_text,
+)
 from plugin.runtime import Meterline
+from plugin.settings import PlanConfig
 
 
 def preview_answer(meterline: Meterline, profile: Profile, model: str, prompt_tokens: int,
@@ -24,7 +30,8 @@ def preview_answer(meterline: Meterline, profile: Profile, model: str, prompt_to
     plan = meterline.plan_of(profile)
     period = meterline.period(profile, now)
     limit = meterline.ceiling_of(profile)
-    estimate = meterline.estimate(model, prompt_tokens, max_tokens)
+    allowed_max_tokens = plan_max_tokens(max_tokens, plan.max_output_tokens)
+    estimate = meterline.estimate(model, prompt_tokens, allowed_max_tokens)
     credits = estimate.cost(estimate.max_tokens)
     snapshot = meterline.counters.snapshot(Account(profile.customer_id, period.start), now)
     decision = decide(estimate, used_ucr=snapshot.used_ucr, reserved_ucr=snapshot.reserved_ucr, limit=limit,
@@ -45,6 +52,8 @@ def preview_answer(meterline: Meterline, profile: Profile, model: str, prompt_to
         answer |= {"reason": "max_tokens_lowered", "max_tokens": decision.max_tokens,
                    "credits_ucr": decision.reserve_ucr,
                    "cost_usd": _overage_usd(plan, snapshot.used_ucr, decision.reserve_ucr)}
+    elif allowed_max_tokens != max_tokens:  # the plan's output ceiling, lower than asked (or nothing asked)
+        answer |= {"reason": "plan_max_output_tokens", "max_tokens": allowed_max_tokens}
     base = soft_limit_base_ucr(plan, limit, 0)
     upcoming = next_threshold(profile.limits.thresholds(policies.soft_thresholds_pct), base, snapshot.used_ucr)
     if upcoming is not None and snapshot.used_ucr + answer["credits_ucr"] >= threshold_ucr(base, upcoming):
@@ -52,10 +61,7 @@ def preview_answer(meterline: Meterline, profile: Profile, model: str, prompt_to
     return answer
 
 
-def _overage_usd(plan, used_ucr: int, credits_ucr: int) -> str:
-    """What a charge of `credits_ucr` adds to the invoice: only the part past the included quota costs."""
-    if not plan.has_overage or not plan.overage_usd_per_credit:
-        return "0.00"
-    included = credits_to_ucr(plan.included_credits)
-    charged = max(0, used_ucr + credits_ucr - max(included, used_ucr))
-    return usd_text(Fraction(charged, 1_000_000) * plan.overage_usd_per_credit).removeprefix("$")
+def _overage_usd(plan: PlanConfig, used_ucr: int, credits_ucr: int) -> str:
+    """What a charge of `credits_ucr` adds to the invoice: only the part past the included quota costs,
+    at the rates of the tiers it falls in."""
+    return usd_text(overage_usd(plan, used_ucr + credits_ucr) - overage_usd(plan, used_ucr)).removeprefix("$")

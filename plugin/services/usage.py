@@ -17,6 +17,7 @@ from plugin.rules.limits import usd_limit_as_ucr
 from plugin.rules.plans import Period, credits_to_ucr, project_period_total
 from plugin.rules.rollups import DAY, NOTHING, start_of, unit_of
 from plugin.rules.usage import (
+    overage_rates,
     overage_ucr,
     pct,
     projected_overage_usd,
@@ -87,6 +88,7 @@ def usage_report(meterline: Meterline, customer_id: str, now: datetime, which: W
     return {
         "customer_id": customer.customer_id,
         "plan": customer.plan,
+        "grandfathered_at": None if customer.grandfathered_at is None else customer.grandfathered_at.isoformat(),
         "period_start": period.start.isoformat(),
         "period_end": period.end.isoformat(),
         "used_ucr": used_ucr,
@@ -100,6 +102,7 @@ def usage_report(meterline: Meterline, customer_id: str, now: datetime, which: W
         "projected_ucr": projected,
         "projected_usd": projected_usd(plan, projected, cap_ucr),
         "projected_overage_usd": projected_overage_usd(plan, projected, cap_ucr),
+        "overage_rates": overage_rates(plan, used_ucr),
         "currency": "usd",
         "requests": used.total.requests,
         "saved_ucr": used.total.saved_ucr,

@@ -20,6 +20,7 @@ from typing import Literal
 
 import stripe
 
+from plugin.rules.plans import price_bands
 from plugin.rules.pricing import UCR_PER_CREDIT
 from plugin.settings import ConfigError, MeterlineConfig
 from plugin.stripe.summaries import find_meter_id
@@ -93,18 +94,21 @@ class PriceSpec:
 
 def catalog(config: MeterlineConfig) -> list[PriceSpec]:
     """The prices meterline.yaml asks for: per plan, a metered price (included credits at 0, then the
-    overage rate) when it sets `overage_usd_per_credit`, and a flat price when it sets `base_fee_usd`."""
+    overage rate, or each of its `overage_tiers` in turn) when it sets an overage price, and a flat price
+    when it sets `base_fee_usd`."""
     stripe_config = config.stripe
     specs = []
     for name, plan in sorted(config.plans.items()):
         prefix = f"{stripe_config.lookup_key_prefix}_{name}"
-        if plan.overage_usd_per_credit is not None:
+        if bands := price_bands(plan):
             included = plan.included_credits * UCR_PER_CREDIT
             if included.denominator != 1:
                 raise ConfigError(f"plans.{name}.included_credits: must be a whole number of micro-credits")
-            rate = exact_decimal(plan.overage_usd_per_credit * 100 / UCR_PER_CREDIT,
-                                 f"plans.{name}.overage_usd_per_credit")
-            tiers = (Tier(None, rate),) if included == 0 else (Tier(int(included), Decimal(0)), Tier(None, rate))
+            rates = [f"plans.{name}.overage_usd_per_credit"] if plan.overage_tiers is None else \
+                [f"plans.{name}.overage_tiers.{index}.usd_per_credit" for index in range(len(bands))]
+            tiers = (Tier(int(included), Decimal(0)),) if included else ()
+            tiers += tuple(Tier(band.to_ucr, exact_decimal(band.usd_per_credit * 100 / UCR_PER_CREDIT, what))
+                           for band, what in zip(bands, rates, strict=True))
             specs.append(PriceSpec(name, "usage", f"{prefix}_usage", stripe_config.currency, tiers=tiers))
         if plan.base_fee_usd is not None:
             cents = plan.base_fee_usd * 100
@@ -193,8 +197,8 @@ class StripeSetup:
         """The plan's prices at Stripe; a ConfigError when the plan has none or setup has not run."""
         specs = [spec for spec in catalog(self.config) if spec.plan == plan]
         if not specs:
-            raise ConfigError(f"plan {plan!r} has no Stripe prices: set overage_usd_per_credit or base_fee_usd "
-                              "in meterline.yaml, then run `meterline stripe setup`")
+            raise ConfigError(f"plan {plan!r} has no Stripe prices: set overage_usd_per_credit (or overage_tiers) "
+                              "or base_fee_usd in meterline.yaml, then run `meterline stripe setup`")
         prices = {price.lookup_key: price for price in self._prices([spec.lookup_key for spec in specs])}
         missing = [spec.lookup_key for spec in specs if spec.lookup_key not in prices]
         if missing:

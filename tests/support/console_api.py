@@ -22,6 +22,8 @@ PERIOD_START = datetime(2026, 12, 1, tzinfo=UTC)
 PERIOD_END = datetime(2027, 1, 1, tzinfo=UTC)
 CREDIT = 1_000_000
 INCLUDED = {"free": 100 * CREDIT, "pro": 1_000 * CREDIT, "team": 10_000 * CREDIT}
+GRANDFATHERED = {"juno-games": datetime(2026, 11, 15, tzinfo=UTC)}
+"""Kept on its flat plan for good (`meterline migrate grandfather`): never billed overage."""
 
 # (id, plan, used this period, this hour, typical hour, breaker, hard limit, alerts) in credits
 _CUSTOMERS = (
@@ -61,7 +63,9 @@ def fleet_row(index: int, *, grown_ucr: int = 0) -> dict[str, Any]:
     included = INCLUDED[plan]
     elapsed = (NOW - PERIOD_START) / (PERIOD_END - PERIOD_START)
     return {
-        "customer_id": customer_id, "plan": plan, "used_ucr": used_ucr, "included_ucr": included,
+        "customer_id": customer_id, "plan": plan,
+        "grandfathered_at": GRANDFATHERED[customer_id].isoformat() if customer_id in GRANDFATHERED else None,
+        "used_ucr": used_ucr, "included_ucr": included,
         "included_pct": round(100 * used_ucr / included, 1), "hour_ucr": hour_ucr,
         "today_ucr": used_ucr // 3 if used_ucr else 0, "typical_hour_ucr": typical_ucr,
         "burn_ratio": round(hour_ucr / typical_ucr, 2) if typical_ucr else None,
@@ -116,11 +120,13 @@ def usage(customer_id: str) -> dict[str, Any]:
     days = [(PERIOD_START + timedelta(days=d)).date().isoformat() for d in range((NOW - PERIOD_START).days + 1)]
     daily = [row["used_ucr"] * share // 10 for share in (3, 4, 3)][:len(days)]
     return {
-        "customer_id": customer_id, "plan": row["plan"], "period_start": PERIOD_START.isoformat(),
+        "customer_id": customer_id, "plan": row["plan"], "grandfathered_at": row["grandfathered_at"],
+        "period_start": PERIOD_START.isoformat(),
         "period_end": PERIOD_END.isoformat(), "used_ucr": row["used_ucr"], "reserved_ucr": 0,
         "included_ucr": row["included_ucr"], "included_pct": row["included_pct"], "overage_ucr": 0,
         "hard_limit_ucr": row["hard_limit_ucr"], "cap_ucr": row["cap_ucr"], "remaining_ucr": None,
         "projected_ucr": row["projected_ucr"], "projected_usd": "0.00", "projected_overage_usd": "0.00",
+        "overage_rates": [],
         "currency": "usd", "requests": 3_876, "saved_ucr": 0,
         "by_model": {"gpt-4o": row["used_ucr"]}, "by_action": {"summarise": row["used_ucr"]},
         "by_member": {"ana@acme": row["used_ucr"]},

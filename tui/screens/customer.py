@@ -58,7 +58,7 @@ class CustomerScreen(LiveScreen):
     def paint(self, detail: Detail) -> None:
         row, usage, limits = detail.customer, detail.usage, detail.limits
         self.query_one("#figures", Static).update(
-            f"[b]{row.customer_id}[/b] · plan {row.plan} · breaker [b]{row.breaker}[/b]\n"
+            f"[b]{row.customer_id}[/b] · plan {row.plan}{_grandfathered(row)} · breaker [b]{row.breaker}[/b]\n"
             f"this period {fmt.credits(row.used_ucr)} of {fmt.credits(row.included_ucr)} included "
             f"({fmt.percent(row.included_pct)}) · projected {fmt.credits(row.projected_ucr)} · "
             f"today {fmt.credits(row.today_ucr)} · this hour {fmt.credits(row.hour_ucr)} "
@@ -83,6 +83,11 @@ class CustomerScreen(LiveScreen):
 
     def action_limits(self) -> None:
         self.app.edit_limits(self.customer_id)
+
+
+def _grandfathered(row: CustomerDetail) -> str:
+    """Kept on its flat plan for good: said next to the plan, with the date."""
+    return "" if row.grandfathered_at is None else f" (grandfathered since {row.grandfathered_at[:10]})"
 
 
 def _hard(limits: Limits) -> str:

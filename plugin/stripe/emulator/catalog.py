@@ -7,6 +7,7 @@ the same `InvalidParam` / `ApiError` the real API would answer.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +25,8 @@ class Catalog:
         self.store = store
         self._price_by_lookup_key: dict[str, str] = {}
         self._active_meter_by_event_name: dict[str, str] = {}
+        self.at_renewal: Callable[[dict[str, Any], tuple[int, int]], None] = lambda subscription, period: None
+        """Called as a subscription enters a new period, before it is announced (schedules.py: phases)."""
 
     # -------------------------------------------------------------------------- customers and products
 
@@ -147,7 +150,7 @@ class Catalog:
         self.store.get("customer", customer_id, param="customer")
         subscription_id, now = new_id("sub"), self.store.now()
         period = month_period(now)
-        items = [self._subscription_item(item, subscription_id, now, period)
+        items = [self.subscription_item(item, subscription_id, now, period)
                  for item in params.children("items", required=True)]
         prices = [item["price"] for item in items]
         _check_item_prices(prices, "items")
@@ -158,6 +161,7 @@ class Catalog:
             or "charge_automatically",
             "days_until_due": params.integer("days_until_due", minimum=0), "description": params.text("description"),
             "billing_cycle_anchor": now, "start_date": now, "cancel_at_period_end": False, "canceled_at": None,
+            "schedule": None,
             "metadata": params.strings("metadata"),
             "items": {"object": "list", "data": items, "has_more": False, "total_count": len(items),
                       "url": f"/v1/subscription_items?subscription={subscription_id}"},
@@ -168,7 +172,7 @@ class Catalog:
     def create_subscription_item(self, params: Params) -> dict[str, Any]:
         """`POST /v1/subscription_items`: add a price to an existing subscription."""
         subscription = self.store.get("subscription", params.text("subscription", required=True), param="subscription")
-        item = self._subscription_item(params, subscription["id"], self.store.now(), current_period(subscription),
+        item = self.subscription_item(params, subscription["id"], self.store.now(), current_period(subscription),
                                        also=("subscription",))
         _check_item_prices([existing["price"] for existing in subscription["items"]["data"]] + [item["price"]],
                            "price")
@@ -176,7 +180,7 @@ class Catalog:
         subscription["items"]["total_count"] = len(subscription["items"]["data"])
         return item
 
-    def _subscription_item(self, item: Params, subscription_id: str, now: int, period: tuple[int, int],
+    def subscription_item(self, item: Params, subscription_id: str, now: int, period: tuple[int, int],
                            also: tuple[str, ...] = ()) -> dict[str, Any]:
         item.only("price", "quantity", "metadata", *also)
         price = self.store.get("price", item.text("price", required=True), param=item.name("price"))
@@ -203,6 +207,7 @@ class Catalog:
         start, end = month_period(closed[1])
         for item in subscription["items"]["data"]:
             item.update(current_period_start=start, current_period_end=end)
+        self.at_renewal(subscription, (start, end))
         self.store.wake_at(end)
         self.store.emit("customer.subscription.updated", subscription)
         return closed

@@ -28,8 +28,7 @@ from plugin.stripe.emulator.forms import InvalidParam, Params
 from plugin.stripe.emulator.meter_events import MeterEvents
 from plugin.stripe.emulator.money import (
     decimal_text,
-    price_amount,
-    round_half_up,
+    price_cents,
     truncated,
 )
 from plugin.stripe.emulator.store import LIST_PARAMS, Store, new_id, paginate
@@ -131,8 +130,10 @@ class Invoices:
             if end > now:
                 self.store.wake_at(end)
                 return
+            # the closed period is billed with the items it had: a schedule's next phase may replace them at renewal
+            billed = {**subscription, "items": {**subscription["items"], "data": list(subscription["items"]["data"])}}
             closed = self.catalog.renew(subscription)
-            self._open_draft(subscription, closed, created=closed[1], billing_reason="subscription_cycle")
+            self._open_draft(billed, closed, created=closed[1], billing_reason="subscription_cycle")
         self.store.wake_at(now)  # more periods left than one pass closes: the next pass goes on
 
     def finalize_period(self, subscription_id: str, at: float | None = None) -> dict[str, Any]:
@@ -343,7 +344,7 @@ class Invoices:
         else:
             meter = self.store.get("meter", meter_id)
             quantity = self.meter_events.aggregated(meter, subscription["customer"], *period)
-        amount = round_half_up(price_amount(price, Fraction(quantity)))
+        amount = price_cents(price, Fraction(quantity))
         product = self.store.find("product", price["product"]) or {"name": price["product"]}
         return {
             "id": new_id("il"), "object": "line_item", "invoice": invoice_id, "livemode": False,

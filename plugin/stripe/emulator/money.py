@@ -23,21 +23,28 @@ class Tier:
     """Cents for the tier as a whole."""
 
 
-def graduated_amount(tiers: Sequence[Tier], quantity: Fraction) -> Fraction:
-    """Each tier prices the units that fall into it, plus its flat fee once entered.
+def graduated_parts(tiers: Sequence[Tier], quantity: Fraction) -> list[Fraction]:
+    """Each tier prices the units that fall into it, plus its flat fee once entered: one part each, as
+    Stripe bills a graduated price as separate invoice lines ("N × product (Tier 2 at $X / month)", and the
+    flat fee on a line of its own), each rounded to a cent by itself.
 
     The first tier is always entered (its flat fee is charged even for zero usage), as Stripe does.
     """
-    total, lower = Fraction(0), 0
+    parts, lower = [], 0
     for index, tier in enumerate(tiers):
         upper = quantity if tier.up_to is None else min(quantity, Fraction(tier.up_to))
         units = max(upper - lower, Fraction(0))
         if units > 0 or index == 0:
-            total += units * tier.unit_amount + tier.flat_amount
+            parts += [units * tier.unit_amount, tier.flat_amount]
         if tier.up_to is None or quantity <= tier.up_to:
             break
         lower = tier.up_to
-    return total
+    return parts
+
+
+def graduated_amount(tiers: Sequence[Tier], quantity: Fraction) -> Fraction:
+    """The graduated price of `quantity`, exactly (before any rounding)."""
+    return sum(graduated_parts(tiers, quantity), Fraction(0))
 
 
 def volume_amount(tiers: Sequence[Tier], quantity: Fraction) -> Fraction:
@@ -69,6 +76,14 @@ def price_amount(price: Mapping[str, Any], quantity: Fraction) -> Fraction:
         tiered = graduated_amount if price["tiers_mode"] == "graduated" else volume_amount
         return tiered(tiers, quantity)
     return quantity * _fraction(price["unit_amount_decimal"])
+
+
+def price_cents(price: Mapping[str, Any], quantity: Fraction) -> int:
+    """What `quantity` units of `price` put on an invoice, in whole cents: each line rounded half up on its
+    own, so a graduated price's tiers are rounded one by one before they are added up."""
+    if price["billing_scheme"] == "tiered" and price["tiers_mode"] == "graduated":
+        return sum(round_half_up(part) for part in graduated_parts(price_tiers(price), quantity))
+    return round_half_up(price_amount(price, quantity))
 
 
 def decimal_text(number: Decimal) -> str:

@@ -7,7 +7,8 @@ window, the 35-day / 5-minute timestamp window, session expiry and the billing c
 are testable without sleeping.
 
 Where the rules live: `catalog` (customers, products, prices, subscriptions, meters), `meter_events`
-(v1/v2 ingestion, sessions, summaries), `invoices` (the cycle, invoice items), `idempotency`, `faults`;
+(v1/v2 ingestion, sessions, summaries), `invoices` (the cycle, invoice items), `schedules` (subscription
+schedules' phases), `idempotency`, `faults`;
 all of them keep their objects in one `store.Store`. This class only adds the lock: every public method
 holds it, because the state may be shared by the event loop and test threads.
 """
@@ -29,6 +30,7 @@ from plugin.stripe.emulator.forms import InvalidParam, Params
 from plugin.stripe.emulator.idempotency import IdempotencyStore, StoredResponse
 from plugin.stripe.emulator.invoices import DEFAULT_GRACE_SECONDS, Invoices
 from plugin.stripe.emulator.meter_events import MeterEvents, Slot
+from plugin.stripe.emulator.schedules import Schedules
 from plugin.stripe.emulator.store import (
     LIST_PARAMS,
     WEBHOOK_MODES,
@@ -80,6 +82,8 @@ class EmulatorState:
         self.catalog = Catalog(self.store)
         self.meter_events = MeterEvents(self.store, self.catalog)
         self.invoices = Invoices(self.store, self.catalog, self.meter_events, self.default_invoice_grace_seconds)
+        self.schedules = Schedules(self.store, self.catalog)
+        self.catalog.at_renewal = self.schedules.at_renewal
         self.idempotency = IdempotencyStore()
         self.faults = Faults()
         self.calls: Counter[str] = Counter()
@@ -104,6 +108,9 @@ class EmulatorState:
     create_subscription = _forward("catalog", Catalog.create_subscription)
     create_subscription_item = _forward("catalog", Catalog.create_subscription_item)
     list_subscriptions = _forward("catalog", Catalog.list_subscriptions)
+    create_subscription_schedule = _forward("schedules", Schedules.create_schedule)
+    update_subscription_schedule = _forward("schedules", Schedules.update_schedule)
+    list_subscription_schedules = _forward("schedules", Schedules.list_schedules)
     create_meter = _forward("catalog", Catalog.create_meter)
     set_meter_active = _forward("catalog", Catalog.set_meter_active)
     list_meters = _forward("catalog", Catalog.list_meters)

@@ -34,11 +34,12 @@ LIST_PARAMS = ("limit", "starting_after", "ending_before")
 
 LABELS = {"customer": "customer", "product": "product", "price": "price", "subscription": "subscription",
           "meter": "billing meter", "invoice": "invoice", "invoiceitem": "invoiceitem", "event": "event",
-          "thin_event": "event"}
+          "thin_event": "event", "subscription_schedule": "subscription schedule"}
 """Each kind of object, and how Stripe names it in "No such ..." errors."""
 LIST_URLS = {"customer": "/v1/customers", "product": "/v1/products", "price": "/v1/prices",
              "subscription": "/v1/subscriptions", "meter": "/v1/billing/meters", "invoice": "/v1/invoices",
-             "invoiceitem": "/v1/invoiceitems", "event": "/v1/events", "thin_event": "/v2/core/events"}
+             "invoiceitem": "/v1/invoiceitems", "event": "/v1/events", "thin_event": "/v2/core/events",
+             "subscription_schedule": "/v1/subscription_schedules"}
 KIND_BY_OBJECT = {"billing.meter": "meter"}
 """Kinds whose Stripe `object` name differs from the kind (the others are spelled alike)."""
 
