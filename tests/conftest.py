@@ -26,6 +26,12 @@ from tests.support.postgres import (
 )
 from tests.support.proxy import MASTER_KEY, Proxy, run_proxy
 from tests.support.redis_server import running_redis
+from tests.support.stripe_emulator import (
+    StripeEmulator,
+    WebhookReceiver,
+    receiving,
+    run_stripe_emulator,
+)
 from tests.support.upstream import Upstream, run_upstream
 
 
@@ -134,3 +140,25 @@ def metered_redis(tmp_path_factory, upstream, redis_url) -> Iterator[MeteredProx
 def metered_pg(tmp_path_factory, upstream, postgres_url) -> Iterator[MeteredProxy]:
     """The same proxy with its ledger on PostgreSQL."""
     yield from _metered_proxy(tmp_path_factory.mktemp("proxy-pg"), upstream, postgres_url)
+
+
+@pytest.fixture(scope="module")
+def receiver(request) -> Iterator[WebhookReceiver]:
+    """Receives the module's Stripe emulator's webhooks, signed with the module's WEBHOOK_SECRET."""
+    with receiving(WebhookReceiver(request.module.WEBHOOK_SECRET)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def running(request, receiver) -> Iterator[StripeEmulator]:
+    """One Stripe emulator per module, sending its webhooks to `receiver`."""
+    with run_stripe_emulator(webhook_url=receiver.url, webhook_secret=request.module.WEBHOOK_SECRET) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def emulator(running, receiver) -> StripeEmulator:
+    """The module's emulator, emptied, and nothing received yet (a module may define its own `emulator`)."""
+    running.reset()
+    receiver.received.clear()
+    return running

@@ -41,10 +41,7 @@ from tests.support.console_api import FixedApi
 from tests.support.proxy import METERLINE_YAML
 from tests.support.stripe_emulator import (
     DEFAULT_API_KEY,
-    StripeEmulator,
     WebhookReceiver,
-    receiving,
-    run_stripe_emulator,
 )
 from tests.test_tui import settle
 from tests.test_tui_snapshots import fixed_console
@@ -52,7 +49,7 @@ from tui.screens.customer import CustomerScreen
 
 M = 1_000_000
 DAY = 86_400
-SECRET = "whsec_meterline_moves"
+WEBHOOK_SECRET = "whsec_meterline_moves"
 MOVES_YAML = {
     **METERLINE_YAML,
     "plans": {"legacy": {"base_fee_usd": "99", "metered": False},
@@ -273,18 +270,6 @@ def test_an_explicit_hard_limit_still_stops_a_grandfathered_customer(proxy):
 # ------------------------------------------------------------------------------ through the Stripe emulator
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[WebhookReceiver]:
-    with receiving(WebhookReceiver(SECRET)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def running(receiver) -> Iterator[StripeEmulator]:
-    with run_stripe_emulator(webhook_url=receiver.url, webhook_secret=SECRET) as emulator:
-        yield emulator
-
-
 class Webhooks:
     """Feeds what the emulator's webhooks brought, in arrival order, through the webhook route's service:
     `read_event` (signature, thin events fetched through the SDK) and `handle`."""
@@ -304,13 +289,13 @@ class Webhooks:
         bodies, self.done = self.receiver.received[self.done:], len(self.receiver.received)
         answers: dict[str, list[dict]] = {}
         for body, signature in bodies:
-            event = read_event(body, signature, SECRET, self.client)
+            event = read_event(body, signature, WEBHOOK_SECRET, self.client)
             answers.setdefault(event.type, []).append(handle(self.meterline, event, self.client))
         return answers
 
     def again(self, index: int) -> dict:
         body, signature = self.receiver.received[index]
-        return handle(self.meterline, read_event(body, signature, SECRET, self.client), self.client)
+        return handle(self.meterline, read_event(body, signature, WEBHOOK_SECRET, self.client), self.client)
 
 
 @pytest.mark.parametrize("mode", ["snapshot", "thin"])

@@ -31,6 +31,7 @@ from plugin.rules.records import BillingRecord, LedgerRow
 from plugin.runtime import build_price_book
 from plugin.services.pricing import CHANGED_AT_START_UP, record, running_version
 from plugin.settings import MeterlineConfig, Settings
+from tests.support.browser import Dom, dump_dom
 from tests.support.proxy import METERLINE_YAML, run_proxy
 from tests.test_cli import Cli
 from tests.test_proxy_metering import ask, expected_ucr
@@ -277,6 +278,7 @@ def test_the_proxy_stamps_its_version_on_rows_and_serves_the_changelog_to_anyone
         anyone = httpx.Client(base_url=proxy.base_url + "/meterline/v1", timeout=30)  # no key at all
         answer = anyone.get("/pricing/changelog")
         page = anyone.get("/pricing/changelog.html")
+        rendered = Dom(dump_dom(proxy.base_url + "/meterline/v1/pricing/changelog.html"))  # as a browser shows it
     assert third.price_version == 3
     assert answer.status_code == 200
     entries = answer.json()["entries"]
@@ -293,6 +295,11 @@ def test_the_proxy_stamps_its_version_on_rows_and_serves_the_changelog_to_anyone
     assert html.index("Version 3") < html.index("Version 2") < html.index("Version 1")
     assert "pricing.weights.output" in html and "http://" not in html and "https://" not in html
     assert "<script" not in html and "<link" not in html
+    assert rendered.text("version-2").startswith("Version 2") and "output <b>dearer</b>" in rendered.text("version-2")
+    assert not rendered.all("b")  # the operator's markup is text, never an element
+    assert rendered.table("changes-3") == [["plans.pro.included_credits", "1000", "2000"]]
+    assert rendered.table("changes-2") == [["pricing.weights.output", "4", "5"]]
+    assert "The prices in force when this log began." in rendered.text("version-1")
     engine.dispose()
 
 

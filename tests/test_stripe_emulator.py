@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -14,10 +13,8 @@ import stripe
 
 from plugin.stripe.emulator.webhooks import WebhookSender
 from tests.support.stripe_emulator import (
-    StripeEmulator,
     WebhookReceiver,
     receiving,
-    run_stripe_emulator,
 )
 
 pytestmark = pytest.mark.filterwarnings(
@@ -27,25 +24,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 WEBHOOK_SECRET = "whsec_meterline_test"
 EVENT_NAME = "meterline_credits"
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[WebhookReceiver]:
-    with receiving(WebhookReceiver(WEBHOOK_SECRET)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def running(receiver) -> Iterator[StripeEmulator]:
-    with run_stripe_emulator(webhook_url=receiver.url, webhook_secret=WEBHOOK_SECRET) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def emulator(running, receiver) -> StripeEmulator:
-    running.reset()
-    receiver.received.clear()
-    return running
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,9 +24,6 @@ from stripe.events import (
 
 from tests.support.stripe_emulator import (
     StripeEmulator,
-    WebhookReceiver,
-    receiving,
-    run_stripe_emulator,
 )
 
 WEBHOOK_SECRET = "whsec_meterline_cycle"
@@ -35,25 +31,6 @@ EVENT_NAME = "meterline_credits"
 BASE_FEE = 2000
 """The flat monthly fee, in cents."""
 GRACE = 3600
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[WebhookReceiver]:
-    with receiving(WebhookReceiver(WEBHOOK_SECRET)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def running(receiver) -> Iterator[StripeEmulator]:
-    with run_stripe_emulator(webhook_url=receiver.url, webhook_secret=WEBHOOK_SECRET) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def emulator(running, receiver) -> StripeEmulator:
-    running.reset()
-    receiver.received.clear()
-    return running
 
 
 @pytest.fixture

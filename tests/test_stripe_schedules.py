@@ -5,43 +5,17 @@ the last phase ends, snapshot and thin events, and Stripe's refusals."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import stripe
 
 from plugin.stripe.emulator.clock import month_period
-from tests.support.stripe_emulator import (
-    StripeEmulator,
-    WebhookReceiver,
-    receiving,
-    run_stripe_emulator,
-)
 
 WEBHOOK_SECRET = "whsec_meterline_schedules"
 FLAT = 9900
 BASE = 2000
 DAY = 86_400
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[WebhookReceiver]:
-    with receiving(WebhookReceiver(WEBHOOK_SECRET)) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def running(receiver) -> Iterator[StripeEmulator]:
-    with run_stripe_emulator(webhook_url=receiver.url, webhook_secret=WEBHOOK_SECRET) as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def emulator(running, receiver) -> StripeEmulator:
-    running.reset()
-    receiver.received.clear()
-    return running
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ def test_the_page_shows_what_the_ledger_holds(metered, shown):
     assert Decimal(after["projected_usd"]) <= total <= Decimal(before["projected_usd"])  # spend so far, ever later
     projected_over = Fraction(before["projected_ucr"] - 5 * M, M) * TERMS.overage_usd_per_credit
     assert f"${before['projected_usd']}" == usd_text(20 + projected_over)
+    assert page.text("overage-rates") == "Past the included credits: $0.01 per credit."  # the terms' rate
 
     bars = {bar["data-date"]: int(bar["data-used-ucr"]) for bar in page.all("rect", class_="day")}
     period = calendar_month(datetime.now(UTC))

@@ -44,7 +44,7 @@ def _entry(entry: Mapping[str, Any]) -> str:
         rows = "\n".join(
             f'<tr><td class="field">{escape(change["field"])}</td><td class="num old">{_value(change["old"])}</td>'
             f'<td class="num new">{_value(change["new"])}</td></tr>' for change in entry["changes"])
-        body = f"""<table>
+        body = f"""<table id="changes-{int(entry['version'])}">
 <thead><tr><th scope="col">What</th><th scope="col" class="num">Before</th><th scope="col" class="num">After</th>
 </tr></thead>
 <tbody>
